@@ -1,0 +1,127 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Every map of bulkhead, declared once. Userspace pins them under the pin
+ * directory as bh_<name>_v<BH_ABI_VERSION>.
+ *
+ * Per-generation state (IP cache, policy, generation config) lives in
+ * ARRAY_OF_MAPS outer maps with one slot per generation. A packet reads
+ * bh_gen_ctl once and uses slot (generation & 1) of every outer map, so all
+ * its lookups see one generation. The inner maps are created by userspace
+ * (with the sizes the user chose) and put into the slots; the inner
+ * definitions here are only templates that give the kernel their type; hash
+ * and LPM inner maps may differ from their template in max_entries.
+ */
+#ifndef BH_MAPS_H
+#define BH_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "shared/bulkhead_abi.h"
+
+/*
+ * BTF anchor. Clang puts a type into the object's BTF only when a global or a
+ * function signature uses it; a key type reached only through an inner map
+ * template would be a forward declaration, which libbpf cannot size. This
+ * read-only global makes every shared layout part of the BTF, which also lets
+ * tests compare the shared header with the compiled object.
+ */
+struct bh_btf_anchor {
+	struct bh_ipcache_host_key ipc_host_key;
+	struct bh_ipcache_lpm_key ipc_lpm_key;
+	struct bh_identity_info identity_info;
+	struct bh_policy_key policy_key;
+	struct bh_policy_value policy_value;
+	struct bh_gen_config gen_config;
+	struct bh_gen_ctl gen_ctl;
+	struct bh_counter counter;
+};
+const volatile struct bh_btf_anchor bh_btf_anchor __attribute__((used));
+
+/* Sizes of the maps the object itself creates; userspace may override the
+ * rule counter size before load. */
+#define BH_DEFAULT_MAX_RULES 16384
+
+/* Exact addresses: a hash, whose lookup cost does not grow with its size. */
+struct bh_inner_ipc_host {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, struct bh_ipcache_host_key);
+	__type(value, struct bh_identity_info);
+};
+
+/* Real prefixes: an LPM trie, longest prefix wins. */
+struct bh_inner_ipc_lpm {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, struct bh_ipcache_lpm_key);
+	__type(value, struct bh_identity_info);
+};
+
+/* Compiled policy; see struct bh_policy_key for why it is an LPM trie. */
+struct bh_inner_policy {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, struct bh_policy_key);
+	__type(value, struct bh_policy_value);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, BH_GENERATION_SLOTS);
+	__type(key, __u32);
+	__array(values, struct bh_inner_ipc_host);
+} bh_ipc_host SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, BH_GENERATION_SLOTS);
+	__type(key, __u32);
+	__array(values, struct bh_inner_ipc_lpm);
+} bh_ipc_lpm SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, BH_GENERATION_SLOTS);
+	__type(key, __u32);
+	__array(values, struct bh_inner_policy);
+} bh_policy SEC(".maps");
+
+/* The generation in force; one entry. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bh_gen_ctl);
+} bh_gen_ctl SEC(".maps");
+
+/* Per-generation settings, indexed by slot. A plain array is enough: a slot
+ * is only written while no packet can read it (see the commit protocol). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, BH_GENERATION_SLOTS);
+	__type(key, __u32);
+	__type(value, struct bh_gen_config);
+} bh_gen_cfg SEC(".maps");
+
+/* Packets and bytes per verdict reason (enum bh_reason). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, BH_REASON_MAX);
+	__type(key, __u32);
+	__type(value, struct bh_counter);
+} bh_reason_cnt SEC(".maps");
+
+/* Packets and bytes per deciding rule, indexed by rule id. Rule ids are
+ * stable across commits, so a rule's counters survive policy changes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, BH_DEFAULT_MAX_RULES);
+	__type(key, __u32);
+	__type(value, struct bh_counter);
+} bh_rule_cnt SEC(".maps");
+
+#endif /* BH_MAPS_H */
