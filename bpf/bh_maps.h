@@ -19,23 +19,7 @@
 
 #include "shared/bulkhead_abi.h"
 
-/*
- * BTF anchor. Clang puts a type into the object's BTF only when a global or a
- * function signature uses it; a key type reached only through an inner map
- * template would be a forward declaration, which libbpf cannot size. This
- * read-only global makes every shared layout part of the BTF, which also lets
- * tests compare the shared header with the compiled object.
- */
-struct bh_btf_anchor {
-	struct bh_ipcache_host_key ipc_host_key;
-	struct bh_ipcache_lpm_key ipc_lpm_key;
-	struct bh_identity_info identity_info;
-	struct bh_policy_key policy_key;
-	struct bh_policy_value policy_value;
-	struct bh_gen_config gen_config;
-	struct bh_gen_ctl gen_ctl;
-	struct bh_counter counter;
-};
+/* See struct bh_btf_anchor in the shared header. */
 const volatile struct bh_btf_anchor bh_btf_anchor __attribute__((used));
 
 /* Sizes of the maps the object itself creates; userspace may override the
@@ -123,5 +107,15 @@ struct {
 	__type(key, __u32);
 	__type(value, struct bh_counter);
 } bh_rule_cnt SEC(".maps");
+
+/* Userspace-only: the bookkeeping of each generation (struct bh_meta_value).
+ * Allocated on demand; the limit allows a 256 MiB blob. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, struct bh_meta_key);
+	__type(value, struct bh_meta_value);
+} bh_meta SEC(".maps");
 
 #endif /* BH_MAPS_H */

@@ -165,6 +165,46 @@ enum bh_hook {
 	BH_HOOK_SENDMSG = 4,
 };
 
+/*
+ * Userspace bookkeeping of a generation: the policy it was compiled from and
+ * the numbers the compiler gave out, as JSON cut into chunks. It lives in a
+ * pinned map beside the tables it describes, so a new process can explain,
+ * diff and delta-commit, and it vanishes with them. BPF never reads it.
+ * Chunk 0 is written last and says how many chunks there are.
+ */
+struct bh_meta_key {
+	BH_U32 slot;  /* host; generation slot */
+	BH_U32 chunk; /* host */
+};
+
+#define BH_META_CHUNK_BYTES 4088
+
+struct bh_meta_value {
+	BH_U32 len;       /* host; bytes used in data */
+	BH_U32 chunks;    /* host; in chunk 0: how many chunks the blob has */
+	BH_U8 data[BH_META_CHUNK_BYTES];
+};
+
+/*
+ * BTF anchor. Clang puts a type into the object's BTF only when a global or a
+ * function signature uses it; a key type reached only through an inner map
+ * template would be a forward declaration, which libbpf cannot size. This
+ * struct, instantiated once as a read-only global of the BPF object, makes
+ * every shared layout part of the BTF, which also lets tests compare the
+ * shared header with the compiled object.
+ */
+struct bh_btf_anchor {
+	struct bh_ipcache_host_key ipc_host_key;
+	struct bh_ipcache_lpm_key ipc_lpm_key;
+	struct bh_identity_info identity_info;
+	struct bh_policy_key policy_key;
+	struct bh_policy_value policy_value;
+	struct bh_gen_config gen_config;
+	struct bh_gen_ctl gen_ctl;
+	struct bh_counter counter;
+	struct bh_meta_key meta_key;
+};
+
 #define BH_GENERATION_SLOTS 2
 #define BH_RULE_ID_NONE 0xffffffffu
 
@@ -178,6 +218,8 @@ static_assert(sizeof(struct bh_policy_value) == 8, "bh_policy_value layout");
 static_assert(sizeof(struct bh_gen_config) == 8, "bh_gen_config layout");
 static_assert(sizeof(struct bh_gen_ctl) == 8, "bh_gen_ctl layout");
 static_assert(sizeof(struct bh_counter) == 16, "bh_counter layout");
+static_assert(sizeof(struct bh_meta_key) == 8, "bh_meta_key layout");
+static_assert(sizeof(struct bh_meta_value) == 4096, "bh_meta_value layout");
 #else
 _Static_assert(sizeof(struct bh_addr) == 16, "bh_addr layout");
 _Static_assert(sizeof(struct bh_ipcache_host_key) == 16, "bh_ipcache_host_key layout");
@@ -188,6 +230,8 @@ _Static_assert(sizeof(struct bh_policy_value) == 8, "bh_policy_value layout");
 _Static_assert(sizeof(struct bh_gen_config) == 8, "bh_gen_config layout");
 _Static_assert(sizeof(struct bh_gen_ctl) == 8, "bh_gen_ctl layout");
 _Static_assert(sizeof(struct bh_counter) == 16, "bh_counter layout");
+_Static_assert(sizeof(struct bh_meta_key) == 8, "bh_meta_key layout");
+_Static_assert(sizeof(struct bh_meta_value) == 4096, "bh_meta_value layout");
 #endif
 
 #undef BH_U8

@@ -37,6 +37,9 @@ struct Options {
     std::optional<std::uint32_t> max_policy_entries;    // default 1,048,576
     // Rule counters are sized when the state is first created (default 16,384).
     std::optional<std::uint32_t> max_rules;
+    // The addresses of identity `host`. Unset: the addresses of the
+    // interfaces of the caller's network namespace at apply time.
+    std::optional<std::vector<Prefix>> host_addresses;
 };
 
 struct Counter {
