@@ -34,7 +34,7 @@ std::nullopt_t fail(std::string* why, std::string reason)
 }
 
 // Digits only: "+24", " 24" and "24x" are not prefix lengths. Saturates at
-// 1000, so a long run of digits reads as out of range rather than wrapping.
+// 1000, so a long run of digits is out of range rather than wrapped around.
 std::optional<int> parse_length(std::string_view text)
 {
     if (text.empty())
@@ -124,7 +124,7 @@ std::optional<Prefix> Prefix::parse(std::string_view text, std::string* why)
         }
         if (*parsed > max_len) {
             return fail(why, fmt::format("prefix length {} is out of range; expected 0-{} for {}",
-                                         *parsed, max_len, family));
+                                         len_text, max_len, family));
         }
         len = *parsed;
     }
