@@ -14,6 +14,12 @@
 #include <string>
 #include <vector>
 
+// CMake passes the source directory; a standalone build run from the
+// repository root finds the examples relative to it.
+#ifndef BULKHEAD_SOURCE_DIR
+#define BULKHEAD_SOURCE_DIR "."
+#endif
+
 namespace bulkhead {
 namespace {
 
