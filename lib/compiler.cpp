@@ -13,6 +13,7 @@ namespace {
 
 constexpr int kWorld = -1;  // workload index of addresses no identity covers
 constexpr int kHost = -2;   // workload index of this machine's addresses
+constexpr int kV4Base = 96; // IPv4 prefixes live under ::ffff:0:0/96
 
 IpAddr masked(const IpAddr& addr, int len)
 {
@@ -36,12 +37,14 @@ public:
     }
 
     // Calls fn(prefix, value) for every prefix of length <= max_len that
-    // contains addr, longest first; stops when fn returns false.
+    // contains addr, longest first; stops when fn returns false. An IPv6
+    // prefix shorter than /96 never contains an IPv4 address (Prefix::contains).
     void each_containing(const IpAddr& addr, int max_len,
                          const std::function<bool(const Prefix&, const V&)>& fn) const
     {
+        const int min_len = addr.is_v4() ? kV4Base : 0;
         for (const auto& [len, entries] : by_len_) {
-            if (len > max_len)
+            if (len > max_len || len < min_len)
                 continue;
             Prefix p{masked(addr, len), static_cast<std::uint8_t>(len)};
             auto it = entries.find(key_bytes(p.addr.bytes));
@@ -140,6 +143,7 @@ public:
     {
         assign_workload_ids();
         index_prefixes(host_addrs);
+        shield_ipv4();
         for (const Prefix& p : entry_prefixes_)
             add_entry(p);
         prune_classes();
@@ -189,6 +193,21 @@ private:
                         entry_prefixes_.insert(term.cidr);
                     }
                 }
+            }
+        }
+    }
+
+    // The trie is one 128-bit space, so an IPv6 prefix such as ::/0 also
+    // spans the IPv4-mapped range. IPv6 prefixes must not claim IPv4
+    // addresses: give the IPv4 range an entry of its own, which the trie
+    // prefers, so an IPv4 address never falls through to an IPv6 prefix.
+    void shield_ipv4()
+    {
+        const Prefix v4_all = *Prefix::parse("0.0.0.0/0");
+        for (const Prefix& p : entry_prefixes_) {
+            if (p.len < kV4Base && (masked(v4_all.addr, p.len) == p.addr)) {
+                entry_prefixes_.insert(v4_all);
+                return;
             }
         }
     }

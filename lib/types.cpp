@@ -138,6 +138,10 @@ std::optional<Prefix> Prefix::parse(std::string_view text, std::string* why)
 
 bool Prefix::contains(const IpAddr& a) const noexcept
 {
+    // IPv4 lives inside ::ffff:0:0/96 of the 128-bit space, but an IPv6
+    // prefix such as ::/0 means IPv6 addresses only, as in nftables
+    if (len < v4_prefix_base && a.is_v4())
+        return false;
     return masked(a, len) == addr;
 }
 

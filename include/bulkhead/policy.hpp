@@ -52,7 +52,14 @@ struct Selector {
 //   icmp/8  -> {icmp, 0x0800, 0x08ff}  icmpv6/128/0 -> {icmpv6, 0x8000, 0x8000}
 // For ICMP and ICMPv6, a "port" is type << 8 | code.
 struct PortSpec {
-    enum class Proto : std::uint8_t { any = 0, icmp = 1, tcp = 6, udp = 17, icmpv6 = 58, sctp = 132 };
+    enum class Proto : std::uint8_t {
+        any = 0,
+        icmp = 1,
+        tcp = 6,
+        udp = 17,
+        icmpv6 = 58,
+        sctp = 132,
+    };
     Proto proto = Proto::any;
     std::uint16_t lo = 0;
     std::uint16_t hi = 0xffff;

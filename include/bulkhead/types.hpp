@@ -41,7 +41,9 @@ struct IpAddr {
 };
 
 // An address prefix. `len` counts bits of the 128-bit form: an IPv4 /24 has
-// len 120. Use family_len() for the length as written.
+// len 120. Use family_len() for the length as written. An IPv6 prefix
+// shorter than /96, such as ::/0, contains no IPv4 address: as in nftables,
+// a prefix written for IPv6 never covers IPv4.
 struct Prefix {
     IpAddr addr;
     std::uint8_t len = 128;

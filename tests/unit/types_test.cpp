@@ -155,9 +155,11 @@ TEST(Prefix, ContainsAddresses)
         // 0.0.0.0/0 is every IPv4 address and no IPv6 address
         {"0.0.0.0/0", "203.0.113.10", true},
         {"0.0.0.0/0", "2001:db8::10", false},
-        // ::/0 is every address
+        // ::/0 is every IPv6 address and no IPv4 address, as in nftables:
+        // a rule written for IPv6 must not open IPv4
         {"::/0", "2001:db8::10", true},
-        {"::/0", "203.0.113.10", true},
+        {"::/0", "203.0.113.10", false},
+        {"::/0", "::ffff:203.0.113.10", false},
         {"2001:db8::/32", "2001:db8::10", true},
         {"2001:db8::/32", "2001:db9::10", false},
         {"2001:db8::/33", "2001:db8:8000::1", false},
@@ -175,7 +177,7 @@ TEST(Prefix, ContainsPrefixes)
     EXPECT_FALSE(prefix("198.51.100.64/26").contains(prefix("198.51.100.0/24")));
     EXPECT_TRUE(prefix("0.0.0.0/0").contains(prefix("198.51.100.0/24")));
     EXPECT_FALSE(prefix("0.0.0.0/0").contains(prefix("::/0")));
-    EXPECT_TRUE(prefix("::/0").contains(prefix("0.0.0.0/0")));
+    EXPECT_FALSE(prefix("::/0").contains(prefix("0.0.0.0/0")));
 }
 
 TEST(Types, VerdictNames)
