@@ -164,6 +164,19 @@ SockAddr make_sockaddr(const std::string& text, std::uint16_t port) {
     return sa;
 }
 
+// The address of `sa` as inet_ntop writes it: one canonical text per address.
+std::string address_text(const SockAddr& sa) {
+    char text[INET6_ADDRSTRLEN] = {};
+    if (sa.family() == AF_INET) {
+        ::inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(&sa.storage)->sin_addr, text,
+                    sizeof text);
+    } else {
+        ::inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(&sa.storage)->sin6_addr,
+                    text, sizeof text);
+    }
+    return text;
+}
+
 std::uint16_t bound_port(int fd) {
     SockAddr sa;
     sa.len = sizeof sa.storage;
@@ -350,6 +363,7 @@ NetNs::~NetNs() {
     if (name_.empty()) return;
     remove_cleanup(cleanup_token_);
     fd_.reset();
+    if (!std::filesystem::exists(path())) return;  // removed already (cleanup_all on a signal)
     try {
         CommandResult r = run_command({"ip", "netns", "del", name_});
         if (r.exit_code != 0) {
@@ -562,13 +576,30 @@ UdpReceiver::~UdpReceiver() {
 void UdpReceiver::receive_loop() {
     char buf[2048];
     while (wait_readable(socket_, stop_)) {
-        while (::recv(socket_.get(), buf, sizeof buf, 0) >= 0) received_.fetch_add(1);
+        for (;;) {
+            SockAddr from;
+            from.len = sizeof from.storage;
+            auto* sa = reinterpret_cast<sockaddr*>(&from.storage);
+            if (::recvfrom(socket_.get(), buf, sizeof buf, 0, sa, &from.len) < 0) break;
+
+            std::lock_guard lock(mutex_);
+            ++by_source_[address_text(from)];
+            received_.fetch_add(1);
+        }
     }
 }
 
-bool UdpReceiver::wait_for(std::uint64_t count, std::chrono::milliseconds timeout) const {
+std::uint64_t UdpReceiver::received_from(const std::string& addr) const {
+    std::string key = address_text(make_sockaddr(addr, 0));  // canonical form
+    std::lock_guard lock(mutex_);
+    auto it = by_source_.find(key);
+    return it == by_source_.end() ? 0 : it->second;
+}
+
+bool UdpReceiver::wait_for(std::uint64_t count, std::chrono::milliseconds timeout,
+                           const std::optional<std::string>& from) const {
     auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (received() < count) {
+    while ((from ? received_from(*from) : received()) < count) {
         if (std::chrono::steady_clock::now() >= deadline) return false;
         std::this_thread::sleep_for(5ms);
     }

@@ -25,7 +25,9 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -250,9 +252,15 @@ public:
 
     std::uint16_t port() const noexcept { return port_; }
     std::uint64_t received() const noexcept { return received_.load(); }
-    // Waits until at least `count` datagrams arrived in total, or `timeout`
-    // passed; true if they arrived.
-    bool wait_for(std::uint64_t count, std::chrono::milliseconds timeout) const;
+    // Datagrams that came from source address `addr` (text, as given to
+    // udp_send's src or configured on the sender), so flows from different
+    // senders to one receiver can be told apart.
+    std::uint64_t received_from(const std::string& addr) const;
+    // Waits until at least `count` datagrams arrived in total (or, with
+    // `from`, from that source address), or `timeout` passed; true if they
+    // arrived.
+    bool wait_for(std::uint64_t count, std::chrono::milliseconds timeout,
+                  const std::optional<std::string>& from = std::nullopt) const;
 
 private:
     void receive_loop();
@@ -261,6 +269,8 @@ private:
     Fd stop_;
     std::uint16_t port_ = 0;
     std::atomic<std::uint64_t> received_{0};
+    mutable std::mutex mutex_;
+    std::map<std::string, std::uint64_t> by_source_;  // canonical address text -> datagrams
     std::thread thread_;
 };
 
