@@ -260,6 +260,7 @@ int run_demo(const DemoOptions& options) {
 
     Options dp_options;
     dp_options.pin_dir = lab.pin_dir;
+    dp_options.host_addresses = std::vector<Prefix>{};  // the lab has no `host`: keep ours out
     Dataplane dp = Dataplane::open(dp_options);
     ApplyResult applied = dp.apply(policy, "examples/demo-policy.yaml");
     fmt::print("\napplied examples/demo-policy.yaml as generation {} ({} identities, {} rules), "

@@ -623,6 +623,9 @@ int run(int argc, char** argv) {
                  "filesystem directory.",
                  "bulkhead"};
     app.fallthrough();  // global options also after the subcommand
+    app.failure_message([](const CLI::App*, const CLI::Error& e) {
+        return fmt::format("bulkhead: {}\nRun with --help for more information.\n", e.what());
+    });
     app.require_subcommand(1);
     app.set_version_flag("--version", std::string("bulkhead ") + BULKHEAD_VERSION);
 
