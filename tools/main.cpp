@@ -655,6 +655,9 @@ int run(int argc, char** argv) {
                       "Size of the host address table (default 1048576)");
     apply->add_option("--max-ipcache-prefixes", options.max_ipcache_prefixes,
                       "Size of the prefix tables (default 65536)");
+    apply->add_option("--max-rules", options.max_rules,
+                      "Rule counter slots; takes effect only when the state is first created "
+                      "(default 16384)");
 
     auto* diff = policy->add_subcommand("diff", "Compare a policy file with the policy in force");
     diff->add_option("FILE", file, "Policy file (YAML)")->required();
