@@ -203,6 +203,18 @@ Dataplane open_dataplane(std::string_view command, const Options& options) {
     return Dataplane::open(options);
 }
 
+// As open_dataplane(), for commands that only read or remove state: they
+// must not create it as a side effect where nothing was ever set up.
+Dataplane open_existing(std::string_view command, const Options& options) {
+    require_privileges(command);
+    if (!std::filesystem::exists(options.pin_dir)) {
+        throw Error(fmt::format("{}: no bulkhead state under {}: nothing was applied or attached "
+                                "there; run `bulkhead policy apply FILE` first, or pass the "
+                                "--pin-dir that was used", command, options.pin_dir.string()));
+    }
+    return Dataplane::open(options);
+}
+
 // ---------------------------------------------------------------------------
 // policy validate | apply | diff
 // ---------------------------------------------------------------------------
@@ -267,7 +279,9 @@ struct DiffSection {
 
     json to_json() const {
         json changes = json::array();
-        for (const auto& [name, what] : changed) changes.push_back({{"name", name}, {"changes", what}});
+        for (const auto& [name, what] : changed) {
+            changes.push_back({{"name", name}, {"changes", what}});
+        }
         return {{"added", added}, {"removed", removed}, {"changed", changes}};
     }
 };
@@ -344,8 +358,12 @@ int cmd_diff(const std::string& file, const Options& options, bool as_json) {
     Policy next = Policy::load(file);
     print_warnings(next);
 
-    Dataplane dp = open_dataplane("policy diff", options);
-    std::optional<Policy> current = dp.current_policy();
+    // Nothing set up yet: compare with no policy, and create nothing.
+    require_privileges("policy diff");
+    std::optional<Policy> current;
+    if (std::filesystem::exists(options.pin_dir)) {
+        current = Dataplane::open(options).current_policy();
+    }
     Policy empty;
     empty.failsafe = next.failsafe;  // before any commit, compare rules and identities only
     const Policy& before = current ? *current : empty;
@@ -366,7 +384,9 @@ int cmd_diff(const std::string& file, const Options& options, bool as_json) {
         return 0;
     }
 
-    if (!current) fmt::print("no policy in force under {}; everything is new\n", options.pin_dir.string());
+    if (!current) {
+        fmt::print("no policy in force under {}; everything is new\n", options.pin_dir.string());
+    }
     if (same) {
         fmt::print("{}: identical to the policy in force\n", file);
         return 0;
@@ -395,7 +415,9 @@ int cmd_attach_xdp(const std::string& iface, const std::string& mode_text,
     require_privileges("attach xdp");
     require_interface(iface);
     std::optional<XdpMode> mode = parse_xdp_mode(mode_text);
-    if (!mode) throw UsageError(fmt::format("--mode {}: expected auto, native or generic", mode_text));
+    if (!mode) {
+        throw UsageError(fmt::format("--mode {}: expected auto, native or generic", mode_text));
+    }
 
     Dataplane dp = Dataplane::open(options);
     Attachment a = dp.attach_xdp(iface, *mode);
@@ -410,7 +432,7 @@ int cmd_attach_xdp(const std::string& iface, const std::string& mode_text,
 }
 
 int cmd_detach_xdp(const std::string& iface, const Options& options) {
-    Dataplane dp = open_dataplane("detach xdp", options);
+    Dataplane dp = open_existing("detach xdp", options);
     dp.detach_xdp(iface);
     fmt::print("detached XDP from {}\n", iface);
     return 0;
@@ -433,7 +455,7 @@ int cmd_detach_all(const Options& options) {
 // ---------------------------------------------------------------------------
 
 int cmd_status(const Options& options, bool as_json) {
-    Dataplane dp = open_dataplane("status", options);
+    Dataplane dp = open_existing("status", options);
     Status s = dp.status();
 
     if (as_json) {
@@ -471,7 +493,7 @@ int cmd_status(const Options& options, bool as_json) {
 }
 
 int cmd_stats(const Options& options, bool as_json) {
-    Dataplane dp = open_dataplane("stats", options);
+    Dataplane dp = open_existing("stats", options);
     Stats stats = dp.stats();
 
     if (!as_json) {
@@ -577,7 +599,7 @@ std::string flow_text(const ExplainArgs& args, const Flow& flow) {
 
 int cmd_explain(const ExplainArgs& args, const Options& options, bool as_json) {
     Flow flow = make_flow(args);
-    Dataplane dp = open_dataplane("explain", options);
+    Dataplane dp = open_existing("explain", options);
     Explanation e = dp.explain(flow);
     const Verdict& v = e.verdict;
 
@@ -601,7 +623,8 @@ int cmd_explain(const ExplainArgs& args, const Options& options, bool as_json) {
     }
 
     auto who = [](const std::string& name, const Labels& labels, std::uint32_t id) {
-        std::string text = labels.empty() ? name : fmt::format("{} ({})", name, format_labels(labels));
+        std::string text =
+            labels.empty() ? name : fmt::format("{} ({})", name, format_labels(labels));
         return fmt::format("{}, identity {}", text, id);
     };
     fmt::print("{}: {}\n", flow_text(args, flow), verdict_word(v.kind));
@@ -668,7 +691,8 @@ int run(int argc, char** argv) {
     std::string mode = "auto";
     auto* attach = app.add_subcommand("attach", "Attach the XDP program to an interface");
     attach->require_subcommand(1);
-    auto* attach_xdp = attach->add_subcommand("xdp", "Attach XDP to IFACE in this network namespace");
+    auto* attach_xdp =
+        attach->add_subcommand("xdp", "Attach XDP to IFACE in this network namespace");
     attach_xdp->add_option("IFACE", iface, "Interface name")->required();
     attach_xdp->add_option("--mode", mode, "auto (native, else generic), native or generic")
         ->check(CLI::IsMember({"auto", "native", "generic"}))

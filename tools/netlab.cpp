@@ -343,7 +343,9 @@ NetNs::NetNs(std::string_view tag) : name_(unique_name(tag)) {
 
     try {
         fd_.reset(::open(path().c_str(), O_RDONLY | O_CLOEXEC));
-        if (!fd_) fail_errno(fmt::format("cannot open network namespace {}", path().string()), errno);
+        if (!fd_) {
+            fail_errno(fmt::format("cannot open network namespace {}", path().string()), errno);
+        }
         ip({"link", "set", "lo", "up"});
     } catch (...) {
         remove_cleanup(cleanup_token_);
@@ -473,7 +475,9 @@ TcpServer::TcpServer(const NetNs& ns, const std::string& addr, std::uint16_t por
 
     std::string what = fmt::format("TCP {} port {} in {}", addr, port, ns.name());
     bind_to(listener_, sa, what);
-    if (::listen(listener_.get(), 128) < 0) fail_errno(fmt::format("cannot listen on {}", what), errno);
+    if (::listen(listener_.get(), 128) < 0) {
+        fail_errno(fmt::format("cannot listen on {}", what), errno);
+    }
     port_ = bound_port(listener_.get());
 
     stop_ = make_eventfd();

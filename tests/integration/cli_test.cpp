@@ -168,6 +168,18 @@ TEST_F(CliRoot, NonRootGetsOneLineAndExitOne) {
     EXPECT_EQ(r.err, "bulkhead: status needs root (CAP_BPF, CAP_NET_ADMIN); run it with sudo\n");
 }
 
+TEST_F(CliRoot, ReadingCommandsCreateNoStateWhereThereIsNone) {
+    for (const char* command : {"status", "stats"}) {
+        auto r = cli(pinned({command}));
+        EXPECT_EQ(r.exit_code, 1) << command;
+        EXPECT_THAT(r.err, HasSubstr("no bulkhead state under " + pins_.path().string()));
+    }
+    auto diff = cli(pinned({"policy", "diff", kDemoPolicy}));
+    EXPECT_EQ(diff.exit_code, 0) << diff.err;
+    EXPECT_THAT(diff.out, HasSubstr("identities: 5 added"));
+    EXPECT_FALSE(std::filesystem::exists(pins_.path()));
+}
+
 TEST_F(CliRoot, ApplyStatusStatsExplainDiffAsJson) {
     auto apply = cli(pinned({"policy", "apply", "--json", kDemoPolicy}));
     ASSERT_EQ(apply.exit_code, 0) << apply.err;
