@@ -5,6 +5,7 @@
 
 #include <bulkhead/dataplane.hpp>
 
+#include "netlab.hpp"
 #include "shared/bulkhead_abi.h"
 
 #include <bpf/bpf.h>
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include <fmt/format.h>
+#include <gtest/gtest.h>
 
 namespace bulkhead::test {
 
@@ -41,24 +43,32 @@ inline std::optional<std::string> bpf_skip_reason()
     return std::nullopt;
 }
 
+// On SIGINT, SIGTERM or SIGHUP, netlab's cleanup registry removes what the
+// tests made (namespaces, pin directories) before the process exits. Set up
+// in the main thread before any test starts a thread.
+class SignalCleanup : public ::testing::Environment {
+public:
+    void SetUp() override { netlab::install_signal_cleanup(); }
+};
+inline ::testing::Environment* const kSignalCleanup =
+    ::testing::AddGlobalTestEnvironment(new SignalCleanup);
+
 // A pin directory of its own, /sys/fs/bpf/bulkhead-test-<pid>-<n>, removed
-// with Dataplane::destroy when the object goes, whatever the test's outcome.
+// with Dataplane::destroy when the object goes, whatever the test's outcome,
+// and by the signal cleanup if the run is interrupted.
 class ScopedPinDir {
 public:
     ScopedPinDir()
-        : path_(fmt::format("/sys/fs/bpf/bulkhead-test-{}-{}", getpid(), next_number()))
+        : path_(fmt::format("/sys/fs/bpf/bulkhead-test-{}-{}", getpid(), next_number())),
+          cleanup_(netlab::add_cleanup([path = path_] { remove(path); }))
     {
     }
     ScopedPinDir(const ScopedPinDir&) = delete;
     ScopedPinDir& operator=(const ScopedPinDir&) = delete;
     ~ScopedPinDir()
     {
-        try {
-            Dataplane::destroy(path_);
-        } catch (const std::exception& e) {
-            fmt::print(stderr, "cannot remove test pin directory {}: {}\n", path_.string(),
-                       e.what());
-        }
+        netlab::remove_cleanup(cleanup_);
+        remove(path_);
     }
 
     const std::filesystem::path& path() const noexcept { return path_; }
@@ -70,7 +80,18 @@ private:
         return counter++;
     }
 
+    static void remove(const std::filesystem::path& path) noexcept
+    {
+        try {
+            Dataplane::destroy(path);
+        } catch (const std::exception& e) {
+            fmt::print(stderr, "cannot remove test pin directory {}: {}\n", path.string(),
+                       e.what());
+        }
+    }
+
     std::filesystem::path path_;
+    std::uint64_t cleanup_ = 0;
 };
 
 // Options for a test dataplane: its own pin directory, and no host addresses,
