@@ -13,6 +13,7 @@
 #include "netlab.hpp"
 
 #include <chrono>
+#include <ostream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -265,3 +266,13 @@ INSTANTIATE_TEST_SUITE_P(Modes, XdpIntegration,
 
 }  // namespace
 }  // namespace bulkhead::test
+
+namespace bulkhead {
+
+// Test names and messages show "native" rather than "1-byte object <01>".
+void PrintTo(XdpMode mode, std::ostream* os)
+{
+    *os << to_string(mode);
+}
+
+}  // namespace bulkhead

@@ -528,11 +528,16 @@ std::string Packet::describe() const
         out += " arp";
     }
 
-    if (const auto* tcp = std::get_if<Tcp>(&l4_))
+    if (const auto* tcp = std::get_if<Tcp>(&l4_)) {
         out += fmt::format(" tcp {} > {} flags={:02x}", tcp->sport, tcp->dport, tcp->flags);
-    else if (const auto* udp = std::get_if<Udp>(&l4_))
+        if (tcp->data_offset)
+            out += fmt::format(" doff={}", *tcp->data_offset);
+    } else if (const auto* udp = std::get_if<Udp>(&l4_)) {
         out += fmt::format(" udp {} > {}", udp->sport, udp->dport);
-    else if (const auto* sctp = std::get_if<Sctp>(&l4_))
+        if (udp->length)
+            out += fmt::format(" len={}", *udp->length);
+    }
+    if (const auto* sctp = std::get_if<Sctp>(&l4_))
         out += fmt::format(" sctp {} > {}", sctp->sport, sctp->dport);
     else if (const auto* icmp = std::get_if<Icmp>(&l4_))
         out += fmt::format(" icmp {}/{}", icmp->type, icmp->code);
