@@ -208,26 +208,47 @@ std::uint64_t netns_inode()
     return st.st_ino;
 }
 
-// A pinned XDP link's file name: xdp.<mode>.<netns inode>.<interface>.
+// A pinned XDP link's file name: xdp:<mode>:<netns inode>:<interface>. The
+// BPF filesystem refuses '.' in names and interface names may hold one
+// (eth0.100), so '.' and '%' are escaped as %2e and %25; ':' cannot occur in
+// an interface name.
 struct XdpPin {
     std::string mode;
     std::uint64_t netns = 0;
     std::string interface;
 
-    std::string file_name() const { return fmt::format("xdp.{}.{}.{}", mode, netns, interface); }
+    std::string file_name() const
+    {
+        std::string escaped;
+        for (char c : interface)
+            escaped += c == '.' ? "%2e" : c == '%' ? "%25" : std::string(1, c);
+        return fmt::format("xdp:{}:{}:{}", mode, netns, escaped);
+    }
 
     static std::optional<XdpPin> parse(const std::string& name)
     {
-        auto a = name.find('.');
-        auto b = a == std::string::npos ? a : name.find('.', a + 1);
-        auto c = b == std::string::npos ? b : name.find('.', b + 1);
+        auto a = name.find(':');
+        auto b = a == std::string::npos ? a : name.find(':', a + 1);
+        auto c = b == std::string::npos ? b : name.find(':', b + 1);
         if (c == std::string::npos || name.substr(0, a) != "xdp")
             return std::nullopt;
-        XdpPin pin{name.substr(a + 1, b - a - 1), 0, name.substr(c + 1)};
+        XdpPin pin{name.substr(a + 1, b - a - 1), 0, ""};
         try {
             pin.netns = std::stoull(name.substr(b + 1, c - b - 1));
         } catch (const std::exception&) {
             return std::nullopt;
+        }
+        std::string escaped = name.substr(c + 1);
+        for (std::size_t i = 0; i < escaped.size(); ++i) {
+            if (escaped.compare(i, 3, "%2e") == 0) {
+                pin.interface += '.';
+                i += 2;
+            } else if (escaped.compare(i, 3, "%25") == 0) {
+                pin.interface += '%';
+                i += 2;
+            } else {
+                pin.interface += escaped[i];
+            }
         }
         return pin;
     }
