@@ -325,7 +325,8 @@ std::vector<Term> random_selector(Rng& rng, int identities, Generated& g)
     return terms;
 }
 
-Generated random_policy(Rng& rng)
+// A policy of up to `max_identities` identities and `max_rules` rules.
+Generated random_policy(Rng& rng, int max_identities, int max_rules)
 {
     Generated g;
     std::string& y = g.yaml;
@@ -333,7 +334,7 @@ Generated random_policy(Rng& rng)
     y += fmt::format("defaults: {{ingress: {}, egress: {}}}\n", rng.pick(kModes), rng.pick(kModes));
     y += "failsafe: {enabled: false}\n";
 
-    int identities = rng.between(0, 5);
+    int identities = rng.between(0, max_identities);
     std::set<Prefix> taken;  // a prefix belongs to one identity only
     if (identities > 0)
         y += "identities:\n";
@@ -361,7 +362,7 @@ Generated random_policy(Rng& rng)
         y += "}\n";
     }
 
-    int rules = rng.between(0, 8);
+    int rules = rng.between(0, max_rules);
     if (rules > 0)
         y += "rules:\n";
     for (int r = 0; r < rules; r++) {
@@ -751,23 +752,34 @@ protected:
         pin_.reset();
     }
 
+    void run(const struct Shape& shape);
+
     std::unique_ptr<ScopedPinDir> pin_;
     std::unique_ptr<Dataplane> dp_;
     std::vector<Prefix> hosts_;
     int prog_fd_ = -1;
 };
 
-TEST_F(DifferentialTest, XdpAndExplainEqualTheReferenceEvaluator)
+// How big the random policies are, and how many of them run.
+struct Shape {
+    int max_identities;
+    int max_rules;
+    std::uint64_t policies;  // BULKHEAD_DIFF_POLICIES overrides
+    std::uint64_t packets;   // per policy; BULKHEAD_DIFF_PACKETS overrides
+};
+
+void DifferentialTest::run(const Shape& shape)
 {
     const std::uint64_t seed = env_number(
         "BULKHEAD_SEED",
         static_cast<std::uint64_t>(std::chrono::system_clock::now().time_since_epoch().count()));
-    const std::uint64_t policies = env_number("BULKHEAD_DIFF_POLICIES", 200);
-    const std::uint64_t packets = env_number("BULKHEAD_DIFF_PACKETS", 500);
+    const std::uint64_t policies = env_number("BULKHEAD_DIFF_POLICIES", shape.policies);
+    const std::uint64_t packets = env_number("BULKHEAD_DIFF_PACKETS", shape.packets);
     const int max_reports = 25;
     SCOPED_TRACE(fmt::format("BULKHEAD_SEED={}", seed));
-    fmt::print("differential: BULKHEAD_SEED={} ({} policies x {} packets)\n", seed, policies,
-               packets);
+    fmt::print("differential: BULKHEAD_SEED={} ({} policies of up to {} identities and {} rules "
+               "x {} packets)\n",
+               seed, policies, shape.max_identities, shape.max_rules, packets);
 
     int reports = 0;
     std::uint64_t checked = 0;
@@ -776,7 +788,7 @@ TEST_F(DifferentialTest, XdpAndExplainEqualTheReferenceEvaluator)
 
     for (std::uint64_t i = 0; i < policies && reports < max_reports; i++) {
         Rng rng(seed * 0x9e3779b97f4a7c15ull + i);
-        Generated g = random_policy(rng);
+        Generated g = random_policy(rng, shape.max_identities, shape.max_rules);
         SCOPED_TRACE(fmt::format("policy #{}:\n{}", i, g.yaml));
         Policy policy;
         try {
@@ -890,6 +902,19 @@ TEST_F(DifferentialTest, XdpAndExplainEqualTheReferenceEvaluator)
     if (reports < max_reports) {
         EXPECT_EQ(checked, policies * packets);
     }
+}
+
+// Many small policies: 200 x 500 = 100,000 packets.
+TEST_F(DifferentialTest, XdpAndExplainEqualTheReferenceEvaluator)
+{
+    run({.max_identities = 5, .max_rules = 8, .policies = 200, .packets = 500});
+}
+
+// Fewer, larger policies, where more rules overlap and fold together (tens of
+// thousands of table entries). Fewer packets: explain() costs more here.
+TEST_F(DifferentialTest, LargePoliciesEqualTheReferenceEvaluator)
+{
+    run({.max_identities = 16, .max_rules = 40, .policies = 25, .packets = 400});
 }
 
 }  // namespace
