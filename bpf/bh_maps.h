@@ -25,6 +25,8 @@ const volatile struct bh_btf_anchor bh_btf_anchor __attribute__((used));
 /* Sizes of the maps the object itself creates; userspace may override the
  * rule counter size before load. */
 #define BH_DEFAULT_MAX_RULES 16384
+#define BH_DEFAULT_MAX_CT 262144
+#define BH_DEFAULT_MAX_FRAGS 16384
 
 /* Exact addresses: a hash, whose lookup cost does not grow with its size. */
 struct bh_inner_ipc_host {
@@ -53,12 +55,45 @@ struct bh_inner_policy {
 	__type(value, struct bh_policy_value);
 };
 
+/* Registered cgroups: the identity of local processes. */
+struct bh_inner_cgroups {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, struct bh_cgroup_key);
+	__type(value, struct bh_identity_info);
+};
+
+/* Failsafe ports by management prefix; value 1 opens, 0 closes (see the
+ * compiler: it keeps IPv4 out of IPv6 prefixes such as ::/0). */
+struct bh_inner_failsafe {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, struct bh_failsafe_key);
+	__type(value, __u32);
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
 	__uint(max_entries, BH_GENERATION_SLOTS);
 	__type(key, __u32);
 	__array(values, struct bh_inner_ipc_host);
 } bh_ipc_host SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, BH_GENERATION_SLOTS);
+	__type(key, __u32);
+	__array(values, struct bh_inner_cgroups);
+} bh_cgroups SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, BH_GENERATION_SLOTS);
+	__type(key, __u32);
+	__array(values, struct bh_inner_failsafe);
+} bh_failsafe SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
@@ -107,6 +142,25 @@ struct {
 	__type(key, __u32);
 	__type(value, struct bh_counter);
 } bh_rule_cnt SEC(".maps");
+
+/* Connection tracking. LRU: under pressure the least recently used flow is
+ * forgotten rather than a new flow refused; a forgotten flow's next reply is
+ * counted as BH_REASON_CT_MISS. Not per generation: entries carry the
+ * generation that allowed them and are re-checked when it is not current. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, BH_DEFAULT_MAX_CT);
+	__type(key, struct bh_ct_key);
+	__type(value, struct bh_ct_value);
+} bh_ct SEC(".maps");
+
+/* First fragments allowed, for the fragments that follow them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, BH_DEFAULT_MAX_FRAGS);
+	__type(key, struct bh_frag_key);
+	__type(value, struct bh_frag_value);
+} bh_frag SEC(".maps");
 
 /* Userspace-only: the bookkeeping of each generation (struct bh_meta_value).
  * Allocated on demand; the limit allows a 256 MiB blob. */

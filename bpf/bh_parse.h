@@ -37,12 +37,25 @@ enum bh_parse_result {
 struct bh_pkt {
 	struct bh_addr src;
 	struct bh_addr dst;
-	__u16 port;     /* be; destination port, or ICMP type << 8 | code */
-	__u16 sport;    /* be; source port, or ICMP echo id */
-	__u8 proto;     /* IPPROTO_*, after the IPv6 extension headers */
-	__u8 has_port;  /* 0 for a non-first fragment: no transport header */
-	__u8 nd;        /* IPv6 neighbour discovery with hop limit 255 */
+	__u16 port;       /* be; destination port, or ICMP type << 8 | code */
+	__u16 sport;      /* be; source port, or ICMP echo id */
+	__u8 proto;       /* IPPROTO_*, after the IPv6 extension headers */
+	__u8 has_port;    /* 0 for a non-first fragment: no transport header */
+	__u8 nd;          /* IPv6 neighbour discovery with hop limit 255 */
+	__u8 tcp_flags;   /* TCP only */
+	__u8 frag_first;  /* the first fragment of a fragmented packet */
+	__u8 icmp_kind;   /* enum bh_icmp_kind */
+	__u8 has_inner;   /* an ICMP error whose quoted tuple was read into inner */
 	__u8 pad;
+	__be32 frag_id;   /* fragments only */
+	struct bh_ct_key inner; /* the packet an ICMP error quotes, as it was sent */
+};
+
+enum bh_icmp_kind {
+	BH_ICMP_OTHER = 0,
+	BH_ICMP_ECHO_REQUEST = 1,
+	BH_ICMP_ECHO_REPLY = 2,
+	BH_ICMP_ERROR = 3, /* unreachable, too big, time exceeded, parameter problem */
 };
 
 struct bh_vlan_hdr {
@@ -98,6 +111,81 @@ static __always_inline __u32 bh_l4_min_len(__u8 proto)
 	}
 }
 
+static __always_inline __u8 bh_icmp_kind(__u8 proto, __u8 type)
+{
+	if (proto == IPPROTO_ICMP) {
+		if (type == 8)
+			return BH_ICMP_ECHO_REQUEST;
+		if (type == 0)
+			return BH_ICMP_ECHO_REPLY;
+		if (type == 3 || type == 11 || type == 12)
+			return BH_ICMP_ERROR;
+		return BH_ICMP_OTHER;
+	}
+	if (type == 128)
+		return BH_ICMP_ECHO_REQUEST;
+	if (type == 129)
+		return BH_ICMP_ECHO_REPLY;
+	if (type >= 1 && type <= 4)
+		return BH_ICMP_ERROR;
+	return BH_ICMP_OTHER;
+}
+
+/* The ports of a quoted packet: the first 8 bytes of its transport header
+ * are all an ICMP error must carry. Echo quotes put the id in both ports,
+ * as connection tracking keys echo. */
+static __always_inline int bh_read_quoted_ports(void *l4, void *data_end, __u8 proto,
+						struct bh_ct_key *inner)
+{
+	if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
+		struct bh_icmp_hdr *icmp = l4;
+
+		if ((void *)(icmp + 1) > data_end)
+			return 0;
+		inner->sport = icmp->id;
+		inner->dport = icmp->id;
+		return 1;
+	}
+	struct bh_ports *ports = l4;
+
+	if ((void *)(ports + 1) > data_end)
+		return 0;
+	inner->sport = ports->source;
+	inner->dport = ports->dest;
+	return 1;
+}
+
+static __always_inline void bh_addr_from_v4(struct bh_addr *a, __be32 v4);
+
+/* Reads the header an ICMP error quotes, behind its 8-byte ICMP header. A
+ * quote cut short just leaves has_inner clear: the error then meets policy
+ * like any other packet. */
+static __always_inline void bh_parse_quoted(void *quoted, void *data_end, struct bh_pkt *pkt)
+{
+	struct bh_ct_key *inner = &pkt->inner;
+
+	if (pkt->proto == IPPROTO_ICMP) {
+		struct iphdr *ip = quoted;
+
+		if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl < 5)
+			return;
+		bh_addr_from_v4(&inner->src, ip->saddr);
+		bh_addr_from_v4(&inner->dst, ip->daddr);
+		inner->proto = ip->protocol;
+		pkt->has_inner = bh_read_quoted_ports(quoted + ip->ihl * 4, data_end, ip->protocol,
+						      inner);
+		return;
+	}
+	struct ipv6hdr *ip6 = quoted;
+
+	if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
+		return;
+	__builtin_memcpy(inner->src.bytes, &ip6->saddr, 16);
+	__builtin_memcpy(inner->dst.bytes, &ip6->daddr, 16);
+	inner->proto = ip6->nexthdr;
+	pkt->has_inner = bh_read_quoted_ports((void *)(ip6 + 1), data_end, ip6->nexthdr, inner);
+}
+
 static __always_inline int bh_is_nd(__u8 type)
 {
 	/* router solicitation/advertisement, neighbour sol./adv., redirect */
@@ -124,6 +212,9 @@ static __always_inline int bh_parse_l4(void *l4, void *data_end, __u32 l4_len, _
 		pkt->port = bpf_htons((__u16)(icmp->type << 8 | icmp->code));
 		pkt->sport = icmp->id;
 		pkt->nd = pkt->proto == IPPROTO_ICMPV6 && bh_is_nd(icmp->type) && hop_limit == 255;
+		pkt->icmp_kind = bh_icmp_kind(pkt->proto, icmp->type);
+		if (pkt->icmp_kind == BH_ICMP_ERROR)
+			bh_parse_quoted((void *)(icmp + 1), data_end, pkt);
 		return BH_PARSE_OK;
 	}
 
@@ -135,6 +226,8 @@ static __always_inline int bh_parse_l4(void *l4, void *data_end, __u32 l4_len, _
 		return BH_PARSE_MALFORMED; /* data offset below the fixed header */
 	pkt->port = ports->dest;
 	pkt->sport = ports->source;
+	if (pkt->proto == IPPROTO_TCP)
+		pkt->tcp_flags = ((__u8 *)l4)[13];
 	return BH_PARSE_OK;
 }
 
@@ -165,8 +258,12 @@ static __always_inline int bh_parse_ipv4(void *l3, void *data_end, struct bh_pkt
 	bh_addr_from_v4(&pkt->dst, ip->daddr);
 	pkt->proto = ip->protocol;
 
+	__u16 frag = bpf_ntohs(ip->frag_off);
+
+	pkt->frag_id = bpf_htonl(bpf_ntohs(ip->id));
+	pkt->frag_first = (frag & 0x3fff) == 0x2000; /* MF set, offset 0 */
 	/* a later fragment carries payload where the ports would be */
-	if (bpf_ntohs(ip->frag_off) & 0x1fff) {
+	if (frag & 0x1fff) {
 		pkt->has_port = 0;
 		return BH_PARSE_OK;
 	}
@@ -221,6 +318,9 @@ static __always_inline int bh_parse_ipv6(void *l3, void *data_end, struct bh_pkt
 
 			if ((void *)(frag + 1) > data_end || remaining < sizeof(*frag))
 				return BH_PARSE_MALFORMED;
+			pkt->frag_id = frag->id;
+			/* offset 0 with M clear is an atomic fragment: a whole packet */
+			pkt->frag_first = (bpf_ntohs(frag->frag_off) & 0xfff9) == 1;
 			if (bpf_ntohs(frag->frag_off) & 0xfff8) {
 				/* a later fragment: no transport header here */
 				pkt->proto = frag->nexthdr;
@@ -244,6 +344,17 @@ static __always_inline int bh_parse_ipv6(void *l3, void *data_end, struct bh_pkt
 
 	pkt->proto = nexthdr;
 	return bh_parse_l4(cursor, data_end, remaining, ip6->hop_limit, pkt);
+}
+
+/* Parses a packet from its network header (cgroup_skb: no link layer). */
+static __always_inline int bh_parse_l3(void *data, void *data_end, __be16 proto,
+				       struct bh_pkt *pkt)
+{
+	if (proto == bpf_htons(ETH_P_IP))
+		return bh_parse_ipv4(data, data_end, pkt);
+	if (proto == bpf_htons(ETH_P_IPV6))
+		return bh_parse_ipv6(data, data_end, pkt);
+	return BH_PARSE_NOT_IP;
 }
 
 /* Parses a frame from its Ethernet header. */
@@ -272,11 +383,7 @@ static __always_inline int bh_parse_eth(void *data, void *data_end, struct bh_pk
 	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD))
 		return BH_PARSE_MALFORMED; /* a third tag: deeper than we walk */
 
-	if (proto == bpf_htons(ETH_P_IP))
-		return bh_parse_ipv4(cursor, data_end, pkt);
-	if (proto == bpf_htons(ETH_P_IPV6))
-		return bh_parse_ipv6(cursor, data_end, pkt);
-	return BH_PARSE_NOT_IP;
+	return bh_parse_l3(cursor, data_end, proto, pkt);
 }
 
 #endif /* BH_PARSE_H */

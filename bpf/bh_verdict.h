@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
  * The verdict function every hook shares, so a rule means the same at every
- * enforcement point: identity lookup, policy lookup, decision, counting.
+ * enforcement point: state (tracking, fragments), identities, failsafe,
+ * policy, decision, counting. Layered from general to specific; the program
+ * entries in bulkhead.bpf.c only say where the packet is and who is local.
  */
 #ifndef BH_VERDICT_H
 #define BH_VERDICT_H
@@ -9,12 +11,33 @@
 #include "bh_maps.h"
 #include "bh_parse.h"
 
+#define BH_MAX_CGROUP_DEPTH 16
+
+#define BH_SEC 1000000000ull
+#define BH_CT_TCP_LIFE (6 * 3600 * BH_SEC) /* established TCP */
+#define BH_CT_OPENING_LIFE (60 * BH_SEC)   /* no reply seen yet */
+#define BH_CT_CLOSING_LIFE (10 * BH_SEC)   /* after FIN or RST */
+#define BH_CT_DATAGRAM_LIFE (120 * BH_SEC) /* UDP, SCTP, ICMP echo, others */
+#define BH_FRAG_LIFE (30 * BH_SEC)
+
 /* The maps of one generation, looked up once per packet. */
 struct bh_gen_view {
+	__u64 generation;
 	void *ipc_host;
 	void *ipc_lpm;
 	void *policy;
+	void *cgroups;
+	void *failsafe;
 	struct bh_gen_config *cfg;
+};
+
+/* Where a packet is judged and who is local there. */
+struct bh_point {
+	__u8 ingress;       /* 1: the destination enforces; 0: the source */
+	__u8 local_is_src;  /* which end is local (cgroup hooks) */
+	__u8 local_is_host; /* the local end has no address: without a cgroup it is host */
+	__u8 pad[5];
+	__u64 cgroup_id;    /* registered cgroup of the local end, or 0 */
 };
 
 struct bh_decision {
@@ -41,12 +64,28 @@ static __always_inline int bh_gen_current(struct bh_gen_view *view)
 
 	if (generation == 0)
 		return 0;
+	view->generation = generation;
 	view->ipc_host = bpf_map_lookup_elem(&bh_ipc_host, &slot);
 	view->ipc_lpm = bpf_map_lookup_elem(&bh_ipc_lpm, &slot);
 	view->policy = bpf_map_lookup_elem(&bh_policy, &slot);
+	view->cgroups = bpf_map_lookup_elem(&bh_cgroups, &slot);
+	view->failsafe = bpf_map_lookup_elem(&bh_failsafe, &slot);
 	view->cfg = bpf_map_lookup_elem(&bh_gen_cfg, &slot);
-	return view->ipc_host && view->ipc_lpm && view->policy && view->cfg;
+	return view->ipc_host && view->ipc_lpm && view->policy && view->cgroups &&
+	       view->failsafe && view->cfg;
 }
+
+static __always_inline void bh_count(void *map, __u32 index, __u64 bytes)
+{
+	struct bh_counter *counter = bpf_map_lookup_elem(map, &index);
+
+	if (counter) {
+		counter->packets++;
+		counter->bytes += bytes;
+	}
+}
+
+/* --- identities --- */
 
 /* Address to identity: exact host entries first (a hash, constant cost), then
  * the prefix trie. A host entry is always the longest prefix, so a hit in the
@@ -55,7 +94,8 @@ static __always_inline void bh_identity_of(const struct bh_gen_view *view,
 					   const struct bh_addr *addr,
 					   struct bh_identity_info *out)
 {
-	struct bh_identity_info *info = bpf_map_lookup_elem(view->ipc_host, addr); /* bh_ipcache_host_key is a bh_addr */
+	/* bh_ipcache_host_key is a bh_addr */
+	struct bh_identity_info *info = bpf_map_lookup_elem(view->ipc_host, addr);
 
 	if (!info) {
 		struct bh_ipcache_lpm_key key = { .prefixlen = 128 };
@@ -71,6 +111,35 @@ static __always_inline void bh_identity_of(const struct bh_gen_view *view,
 	out->ingress_mode = view->cfg->world_ingress_mode;
 	out->egress_mode = view->cfg->world_egress_mode;
 }
+
+/* The identity of one end: its registered cgroup if the point names one and
+ * that cgroup is (still) registered in this generation, else its address. */
+static __always_inline void bh_end_identity(const struct bh_gen_view *view,
+					    const struct bh_point *point, int is_src,
+					    const struct bh_addr *addr,
+					    struct bh_identity_info *out)
+{
+	int local = point->local_is_src == is_src;
+
+	if (local && point->cgroup_id) {
+		struct bh_cgroup_key key = { .cgroup_id = point->cgroup_id };
+		struct bh_identity_info *info = bpf_map_lookup_elem(view->cgroups, &key);
+
+		if (info) {
+			*out = *info;
+			return;
+		}
+	}
+	if (local && point->local_is_host) {
+		out->id = BH_ID_HOST;
+		out->ingress_mode = view->cfg->world_ingress_mode;
+		out->egress_mode = view->cfg->world_egress_mode;
+		return;
+	}
+	bh_identity_of(view, addr, out);
+}
+
+/* --- policy --- */
 
 /* At most two lookups: the source's own entries, into which the compiler has
  * folded every any-source rule of the same destination, then the any-source
@@ -94,14 +163,24 @@ bh_policy_lookup(const struct bh_gen_view *view, __u32 src_id, __u32 dst_id,
 	return bpf_map_lookup_elem(view->policy, &key);
 }
 
-static __always_inline void bh_count(void *map, __u32 index, __u64 bytes)
+/* Failsafe: a host port reachable from a management prefix whatever the
+ * policy, so that a wrong policy cannot lock the operator out. */
+static __always_inline int bh_failsafe_open(const struct bh_gen_view *view,
+					    const struct bh_pkt *pkt, __u32 dst_id, int ingress)
 {
-	struct bh_counter *counter = bpf_map_lookup_elem(map, &index);
+	if (!ingress || dst_id != BH_ID_HOST || !pkt->has_port)
+		return 0;
 
-	if (counter) {
-		counter->packets++;
-		counter->bytes += bytes;
-	}
+	struct bh_failsafe_key key = {
+		.prefixlen = 32 + 128,
+		.proto = pkt->proto,
+		.port = pkt->port,
+	};
+
+	__builtin_memcpy(key.src.bytes, pkt->src.bytes, sizeof(key.src.bytes));
+	__u32 *open = bpf_map_lookup_elem(view->failsafe, &key);
+
+	return open && *open; /* 0: a closing entry (IPv4 under an IPv6 /0) */
 }
 
 static __always_inline void bh_deny(struct bh_decision *d, __u8 mode, __u8 rule_reason)
@@ -119,18 +198,24 @@ static __always_inline void bh_deny(struct bh_decision *d, __u8 mode, __u8 rule_
 /* DESIGN.md "Verdict of a packet": deny rule, else allow rule, else the
  * enforcing identity's mode (destination at ingress, source at egress). */
 static __always_inline void bh_decide(const struct bh_gen_view *view, const struct bh_pkt *pkt,
-				      int ingress, struct bh_decision *d)
+				      const struct bh_point *point, struct bh_decision *d)
 {
 	struct bh_identity_info src, dst;
 
-	bh_identity_of(view, &pkt->src, &src);
-	bh_identity_of(view, &pkt->dst, &dst);
+	bh_end_identity(view, point, 1, &pkt->src, &src);
+	bh_end_identity(view, point, 0, &pkt->dst, &dst);
 	d->src_id = src.id;
 	d->dst_id = dst.id;
 	d->rule_id = BH_RULE_ID_NONE;
 
+	if (bh_failsafe_open(view, pkt, dst.id, point->ingress)) {
+		d->pass = 1;
+		d->reason = BH_REASON_FAILSAFE;
+		return;
+	}
+
 	struct bh_policy_value *rule = bh_policy_lookup(view, src.id, dst.id, pkt);
-	__u8 mode = ingress ? dst.ingress_mode : src.egress_mode;
+	__u8 mode = point->ingress ? dst.ingress_mode : src.egress_mode;
 
 	if (rule && rule->action == BH_ACTION_DENY) {
 		d->rule_id = rule->rule_id;
@@ -150,14 +235,279 @@ static __always_inline void bh_decide(const struct bh_gen_view *view, const stru
 	}
 }
 
-/* Parses, decides and counts one frame; returns 1 to pass it. */
-static __always_inline int bh_verdict_frame(void *data, void *data_end, int ingress)
+/* --- connection tracking --- */
+
+static __always_inline int bh_trackable(const struct bh_pkt *pkt)
+{
+	if (!pkt->has_port)
+		return 0;
+	if (pkt->proto == IPPROTO_ICMP || pkt->proto == IPPROTO_ICMPV6)
+		return pkt->icmp_kind == BH_ICMP_ECHO_REQUEST || pkt->icmp_kind == BH_ICMP_ECHO_REPLY;
+	return !pkt->nd;
+}
+
+static __always_inline void bh_ct_tuple(const struct bh_pkt *pkt, int reverse,
+					struct bh_ct_key *key)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	__builtin_memcpy(&key->src, reverse ? &pkt->dst : &pkt->src, sizeof(key->src));
+	__builtin_memcpy(&key->dst, reverse ? &pkt->src : &pkt->dst, sizeof(key->dst));
+	key->proto = pkt->proto;
+	if (pkt->proto == IPPROTO_ICMP || pkt->proto == IPPROTO_ICMPV6) {
+		key->sport = pkt->sport; /* the echo id, both ways */
+		key->dport = pkt->sport;
+		return;
+	}
+	key->sport = reverse ? pkt->port : pkt->sport;
+	key->dport = reverse ? pkt->sport : pkt->port;
+}
+
+static __always_inline __u64 bh_ct_life(const struct bh_pkt *pkt, __u8 flags)
+{
+	if (pkt->proto != IPPROTO_TCP)
+		return BH_CT_DATAGRAM_LIFE;
+	if (flags & BH_CT_CLOSING)
+		return BH_CT_CLOSING_LIFE;
+	return (flags & BH_CT_REPLIED) ? BH_CT_TCP_LIFE : BH_CT_OPENING_LIFE;
+}
+
+static __always_inline void bh_ct_refresh(struct bh_ct_value *ct, const struct bh_pkt *pkt,
+					  int reply, __u64 now)
+{
+	__u8 flags = ct->flags;
+
+	if (reply)
+		flags |= BH_CT_REPLIED;
+	if (pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & 0x05)) /* FIN or RST */
+		flags |= BH_CT_CLOSING;
+	if (flags != ct->flags)
+		ct->flags = flags;
+	ct->expires_ns = now + bh_ct_life(pkt, flags);
+}
+
+static __always_inline void bh_ct_open(const struct bh_gen_view *view, const struct bh_pkt *pkt,
+				       const struct bh_point *point, const struct bh_decision *d)
+{
+	struct bh_ct_key key;
+	struct bh_ct_value ct = {
+		.generation = view->generation,
+		.cgroup_id = point->cgroup_id,
+		.rule_id = d->rule_id,
+		.flags = point->ingress ? BH_CT_INGRESS : 0,
+	};
+
+	if (point->cgroup_id)
+		ct.flags |= point->local_is_src ? BH_CT_LOCAL_SRC : BH_CT_LOCAL_DST;
+	bh_ct_tuple(pkt, 0, &key);
+	bh_ct_refresh(&ct, pkt, 0, bpf_ktime_get_ns());
+	bpf_map_update_elem(&bh_ct, &key, &ct, BPF_ANY);
+}
+
+/*
+ * A flow allowed by an older generation is judged again, in its opening
+ * direction and at its opening point, by the generation in force: revoking
+ * a rule cuts established flows at their next packet.
+ */
+static __always_inline int bh_ct_still_allowed(const struct bh_gen_view *view,
+					       const struct bh_pkt *pkt, int reply,
+					       struct bh_ct_value *ct)
+{
+	struct bh_pkt opening = *pkt;
+	struct bh_point point = {
+		.ingress = !!(ct->flags & BH_CT_INGRESS),
+		.local_is_src = !!(ct->flags & BH_CT_LOCAL_SRC),
+		.cgroup_id = ct->cgroup_id,
+	};
+	struct bh_decision d = {};
+
+	if (reply) {
+		__builtin_memcpy(&opening.src, &pkt->dst, sizeof(opening.src));
+		__builtin_memcpy(&opening.dst, &pkt->src, sizeof(opening.dst));
+		opening.sport = pkt->port;
+		opening.port = pkt->sport;
+		if (pkt->proto == IPPROTO_ICMP)
+			opening.port = bpf_htons(8 << 8);
+		else if (pkt->proto == IPPROTO_ICMPV6)
+			opening.port = bpf_htons(128 << 8);
+	}
+	bh_decide(view, &opening, &point, &d);
+	if (!d.pass)
+		return 0;
+	ct->generation = view->generation;
+	return 1;
+}
+
+enum bh_ct_result {
+	BH_CT_NEW = 0,     /* no entry: judge by policy */
+	BH_CT_PASS = 1,    /* a packet of a tracked flow */
+	BH_CT_REVOKED = 2, /* tracked, but the policy in force no longer allows it */
+};
+
+static __always_inline int bh_ct_lookup_dir(const struct bh_gen_view *view,
+					    const struct bh_pkt *pkt, int reply, __u64 now)
+{
+	struct bh_ct_key key;
+	struct bh_ct_value *ct;
+
+	bh_ct_tuple(pkt, reply, &key);
+	ct = bpf_map_lookup_elem(&bh_ct, &key);
+	if (!ct)
+		return BH_CT_NEW;
+	if (ct->expires_ns < now) {
+		bpf_map_delete_elem(&bh_ct, &key);
+		return BH_CT_NEW;
+	}
+	if (ct->generation != view->generation && !bh_ct_still_allowed(view, pkt, reply, ct)) {
+		bpf_map_delete_elem(&bh_ct, &key);
+		return BH_CT_REVOKED;
+	}
+	bh_ct_refresh(ct, pkt, reply, now);
+	return BH_CT_PASS;
+}
+
+static __always_inline int bh_ct_lookup(const struct bh_gen_view *view, const struct bh_pkt *pkt)
+{
+	__u64 now = bpf_ktime_get_ns();
+	int result = bh_ct_lookup_dir(view, pkt, 0, now);
+
+	if (result != BH_CT_NEW)
+		return result;
+	return bh_ct_lookup_dir(view, pkt, 1, now);
+}
+
+/* An ICMP error is related to a tracked flow if the packet it quotes is one
+ * of that flow's, in either direction. */
+static __always_inline int bh_ct_related(const struct bh_pkt *pkt)
+{
+	struct bh_ct_key reversed = {
+		.sport = pkt->inner.dport,
+		.dport = pkt->inner.sport,
+		.proto = pkt->inner.proto,
+	};
+
+	if (bpf_map_lookup_elem(&bh_ct, &pkt->inner))
+		return 1;
+	__builtin_memcpy(&reversed.src, &pkt->inner.dst, sizeof(reversed.src));
+	__builtin_memcpy(&reversed.dst, &pkt->inner.src, sizeof(reversed.dst));
+	return bpf_map_lookup_elem(&bh_ct, &reversed) != NULL;
+}
+
+/* --- fragments --- */
+
+static __always_inline void bh_frag_key_of(const struct bh_pkt *pkt, struct bh_frag_key *key)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	__builtin_memcpy(&key->src, &pkt->src, sizeof(key->src));
+	__builtin_memcpy(&key->dst, &pkt->dst, sizeof(key->dst));
+	key->id = pkt->frag_id;
+	key->proto = pkt->proto;
+}
+
+/* A later fragment passes if its first fragment passed, in this generation. */
+static __always_inline int bh_frag_follows(const struct bh_gen_view *view,
+					   const struct bh_pkt *pkt)
+{
+	struct bh_frag_key key;
+
+	bh_frag_key_of(pkt, &key);
+	struct bh_frag_value *first = bpf_map_lookup_elem(&bh_frag, &key);
+
+	return first && first->generation == view->generation &&
+	       first->expires_ns >= bpf_ktime_get_ns();
+}
+
+static __always_inline void bh_frag_remember(const struct bh_gen_view *view,
+					     const struct bh_pkt *pkt)
+{
+	struct bh_frag_key key;
+	struct bh_frag_value value = {
+		.expires_ns = bpf_ktime_get_ns() + BH_FRAG_LIFE,
+		.generation = view->generation,
+	};
+
+	bh_frag_key_of(pkt, &key);
+	bpf_map_update_elem(&bh_frag, &key, &value, BPF_ANY);
+}
+
+/* --- the whole verdict --- */
+
+/* Judges a parsed packet at `point`: state first (a tracked flow, a fragment
+ * of an allowed packet, an error about a tracked flow), then policy; an
+ * allowed packet opens tracking state. */
+static __always_inline void bh_judge(const struct bh_gen_view *view, const struct bh_pkt *pkt,
+				     const struct bh_point *point, struct bh_decision *d)
+{
+	if (!pkt->has_port && bh_frag_follows(view, pkt)) {
+		d->pass = 1;
+		d->reason = BH_REASON_TRACKED;
+		return;
+	}
+	if (pkt->has_inner && bh_ct_related(pkt)) {
+		d->pass = 1;
+		d->reason = BH_REASON_TRACKED;
+		return;
+	}
+	if (bh_trackable(pkt)) {
+		int ct = bh_ct_lookup(view, pkt);
+
+		if (ct == BH_CT_PASS) {
+			d->pass = 1;
+			d->reason = BH_REASON_TRACKED;
+			return;
+		}
+		if (ct == BH_CT_REVOKED)
+			bh_count(&bh_reason_cnt, BH_REASON_REVOKED, 0);
+		else if (pkt->proto == IPPROTO_TCP && !(pkt->tcp_flags & 0x02))
+			bh_count(&bh_reason_cnt, BH_REASON_CT_MISS, 0); /* mid-flow, unknown */
+	}
+
+	bh_decide(view, pkt, point, d);
+	if (!d->pass)
+		return;
+	if (bh_trackable(pkt) && pkt->icmp_kind != BH_ICMP_ECHO_REPLY)
+		bh_ct_open(view, pkt, point, d);
+	if (pkt->frag_first)
+		bh_frag_remember(view, pkt);
+}
+
+static __always_inline void bh_account(const struct bh_decision *d, __u64 bytes)
+{
+	bh_count(&bh_reason_cnt, d->reason, bytes);
+	if (d->rule_id != BH_RULE_ID_NONE)
+		bh_count(&bh_rule_cnt, d->rule_id, bytes);
+}
+
+/* The registered cgroup nearest to the local process: deepest ancestor
+ * first, so a nested cgroup inherits from its closest registered one. Levels
+ * past the cgroup's own depth read as 0. From the packet's socket when skb is
+ * given, else from the current task (the sock_addr hooks); skb is a constant
+ * at every call site, so each program keeps only the helper it may call. */
+static __always_inline __u64 bh_nearest_cgroup(const struct bh_gen_view *view,
+					       struct __sk_buff *skb)
+{
+	for (int level = BH_MAX_CGROUP_DEPTH - 1; level >= 0; level--) {
+		struct bh_cgroup_key key = {
+			.cgroup_id = skb ? bpf_skb_ancestor_cgroup_id(skb, level)
+					 : bpf_get_current_ancestor_cgroup_id(level),
+		};
+
+		if (key.cgroup_id && bpf_map_lookup_elem(view->cgroups, &key))
+			return key.cgroup_id;
+	}
+	return 0;
+}
+
+/* Parses (from Ethernet for XDP, from the network header for cgroup_skb),
+ * judges and counts one packet; returns 1 to pass it. */
+static __always_inline int bh_verdict_packet(void *data, void *data_end, __u64 bytes,
+					     struct __sk_buff *skb, int ingress)
 {
 	struct bh_pkt pkt = {};
 	struct bh_decision d = { .rule_id = BH_RULE_ID_NONE };
+	struct bh_point point = { .ingress = ingress, .local_is_src = !ingress };
 	struct bh_gen_view view;
-	__u64 bytes = data_end - data;
-	int parsed = bh_parse_eth(data, data_end, &pkt);
+	int parsed = skb ? bh_parse_l3(data, data_end, skb->protocol, &pkt)
+			 : bh_parse_eth(data, data_end, &pkt);
 
 	if (parsed == BH_PARSE_MALFORMED) {
 		d.reason = BH_REASON_MALFORMED;
@@ -168,12 +518,53 @@ static __always_inline int bh_verdict_frame(void *data, void *data_end, int ingr
 		d.pass = 1;
 		d.reason = BH_REASON_NO_POLICY;
 	} else {
-		bh_decide(&view, &pkt, ingress, &d);
+		if (skb)
+			point.cgroup_id = bh_nearest_cgroup(&view, skb);
+		bh_judge(&view, &pkt, &point, &d);
 	}
 
-	bh_count(&bh_reason_cnt, d.reason, bytes);
-	if (d.rule_id != BH_RULE_ID_NONE)
-		bh_count(&bh_rule_cnt, d.rule_id, bytes);
+	bh_account(&d, bytes);
+	return d.pass;
+}
+
+/* connect() and unconnected sendmsg(): judged before any packet exists, at
+ * an egress point, with the calling process as the source. A process in no
+ * registered cgroup is `host`. Returns 1 to allow the call. */
+static __always_inline int bh_verdict_sock_addr(struct bpf_sock_addr *ctx, int v6)
+{
+	struct bh_pkt pkt = { .has_port = 1 };
+	struct bh_decision d = { .rule_id = BH_RULE_ID_NONE };
+	struct bh_point point = { .ingress = 0, .local_is_src = 1, .local_is_host = 1 };
+	struct bh_gen_view view;
+
+	if (!bh_gen_current(&view)) {
+		d.pass = 1;
+		d.reason = BH_REASON_NO_POLICY;
+		bh_account(&d, 0);
+		return 1;
+	}
+
+	if (v6) {
+		__u32 *words = (__u32 *)pkt.dst.bytes;
+
+		/* an IPv4-mapped destination is already its IPv4 address here */
+		words[0] = ctx->user_ip6[0];
+		words[1] = ctx->user_ip6[1];
+		words[2] = ctx->user_ip6[2];
+		words[3] = ctx->user_ip6[3];
+	} else {
+		bh_addr_from_v4(&pkt.dst, ctx->user_ip4);
+	}
+	pkt.proto = (__u8)ctx->protocol;
+	pkt.port = (__u16)ctx->user_port; /* be, in the low 16 bits */
+	if (pkt.proto == IPPROTO_ICMP)
+		pkt.port = bpf_htons(8 << 8); /* a ping socket: echo request */
+	else if (pkt.proto == IPPROTO_ICMPV6)
+		pkt.port = bpf_htons(128 << 8);
+	point.cgroup_id = bh_nearest_cgroup(&view, NULL);
+
+	bh_decide(&view, &pkt, &point, &d);
+	bh_account(&d, 0);
 	return d.pass;
 }
 

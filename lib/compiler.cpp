@@ -434,6 +434,61 @@ void compile_rules(const Policy& policy, Compiled& out)
     }
 }
 
+// A registered cgroup stands for its workload identity; it has no address,
+// so CIDR selectors never narrow it.
+void compile_cgroups(const Policy& policy, const std::map<std::string, std::uint64_t>& ids,
+                     Compiled& out)
+{
+    for (const auto& [datapath_id, d] : out.identities) {
+        if (d.workload < 0 || !d.cidrs.empty())
+            continue;
+        for (const std::string& path : policy.identities[static_cast<std::size_t>(d.workload)].cgroups) {
+            auto it = ids.find(path);
+            if (it == ids.end())
+                continue;
+            bh_cgroup_key key{it->second};
+            out.cgroups[key_bytes(key)] = identity_info(d);
+        }
+    }
+}
+
+void add_failsafe_entry(const Prefix& from, std::uint8_t proto, std::uint16_t port,
+                        std::uint32_t open, Compiled& out)
+{
+    bh_failsafe_key key{};
+    key.prefixlen = 32u + from.len;
+    key.proto = proto;
+    key.port = htons(port);
+    std::memcpy(key.src.bytes, from.addr.bytes.data(), 16);
+    out.failsafe.emplace(key_bytes(key), open);  // an opening entry is never overwritten
+}
+
+// One trie entry per (port, management prefix). Ranges are spelled out port
+// by port; the parser keeps failsafe lists short.
+void compile_failsafe(const Failsafe& failsafe, Compiled& out)
+{
+    if (!failsafe.enabled)
+        return;
+    const Prefix v4_all = *Prefix::parse("0.0.0.0/0");
+    for (const PortSpec& spec : failsafe.ports) {
+        std::vector<std::uint8_t> protos{static_cast<std::uint8_t>(spec.proto)};
+        if (spec.proto == PortSpec::Proto::any)
+            protos = {6, 17, 132};
+        for (std::uint8_t proto : protos) {
+            for (std::uint32_t port = spec.lo; port <= spec.hi; ++port) {
+                for (const Prefix& from : failsafe.from)
+                    add_failsafe_entry(from, proto, static_cast<std::uint16_t>(port), 1, out);
+                // the trie would let an IPv6 prefix such as ::/0 cover IPv4:
+                // close IPv4 unless an IPv4 prefix opened it
+                for (const Prefix& from : failsafe.from)
+                    if (from.len < kV4Base && masked(v4_all.addr, from.len) == from.addr)
+                        add_failsafe_entry(v4_all, proto, static_cast<std::uint16_t>(port), 0,
+                                           out);
+            }
+        }
+    }
+}
+
 }  // namespace
 
 nlohmann::json Allocations::to_json() const
@@ -450,7 +505,7 @@ Allocations Allocations::from_json(const nlohmann::json& j)
     return a;
 }
 
-Compiled compile(const Policy& policy, Allocations& alloc, const std::vector<Prefix>& host_addrs,
+Compiled compile(const Policy& policy, Allocations& alloc, const HostFacts& host,
                  const CompileLimits& limits)
 {
     Compiled out;
@@ -458,7 +513,9 @@ Compiled compile(const Policy& policy, Allocations& alloc, const std::vector<Pre
     out.rule_ids = allocate_rules(policy, alloc, limits);
     out.config.world_ingress_mode = static_cast<std::uint8_t>(policy.default_ingress);
     out.config.world_egress_mode = static_cast<std::uint8_t>(policy.default_egress);
-    IdentityBuilder(policy, alloc, out).build(host_addrs);
+    IdentityBuilder(policy, alloc, out).build(host.addresses);
+    compile_cgroups(policy, host.cgroup_ids, out);
+    compile_failsafe(policy.failsafe, out);
     compile_rules(policy, out);
     return out;
 }

@@ -74,6 +74,8 @@ struct DatapathIdentity {
 };
 
 struct Compiled {
+    Table<bh_cgroup_key, bh_identity_info> cgroups;
+    Table<bh_failsafe_key, std::uint32_t> failsafe;
     Table<bh_ipcache_host_key, bh_identity_info> hosts;
     Table<bh_ipcache_lpm_key, bh_identity_info> prefixes;
     Table<bh_policy_key, bh_policy_value> policy;
@@ -86,12 +88,18 @@ struct CompileLimits {
     std::uint32_t max_rules = 16384;
 };
 
+// What the compiler needs to know about the machine.
+struct HostFacts {
+    std::vector<Prefix> addresses;                     // identity `host`
+    std::map<std::string, std::uint64_t> cgroup_ids;  // policy cgroup path -> id
+};
+
 // Compiles `policy`. `alloc` is updated in place: new label sets, classes and
-// rules get numbers, rules no longer present release theirs. `host_addrs` are
-// this machine's addresses (identity `host`). Throws Error when the policy
-// has more rules than the rule counters hold.
-Compiled compile(const Policy& policy, Allocations& alloc,
-                 const std::vector<Prefix>& host_addrs, const CompileLimits& limits);
+// rules get numbers, rules no longer present release theirs. A cgroup path
+// missing from host.cgroup_ids is left out. Throws Error when the policy has
+// more rules than the rule counters hold.
+Compiled compile(const Policy& policy, Allocations& alloc, const HostFacts& host,
+                 const CompileLimits& limits);
 
 // The datapath identity of an address in `compiled`, with the same longest-
 // prefix logic as the BPF lookup (for explain and tests).

@@ -27,7 +27,9 @@
 #include <array>
 #include <cerrno>
 #include <fstream>
+#include <map>
 #include <set>
+#include <sstream>
 
 namespace bulkhead {
 
@@ -39,6 +41,7 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr std::uint32_t kDefaultMaxRules = 16384;
+constexpr std::uint32_t kDefaultMaxConnections = 262144;
 constexpr const char* kBpfFsRoot = "/sys/fs/bpf";
 
 // One per-generation table: an outer map whose two slots hold inner maps.
@@ -53,9 +56,15 @@ struct TableSpec {
     const char* option_name;  // the library option
 };
 
-enum TableIndex { kHostsTable = 0, kPrefixesTable = 1, kPolicyTable = 2 };
+enum TableIndex {
+    kHostsTable = 0,
+    kPrefixesTable = 1,
+    kPolicyTable = 2,
+    kCgroupsTable = 3,
+    kFailsafeTable = 4,
+};
 
-const std::array<TableSpec, 3> kTables{{
+const std::array<TableSpec, 5> kTables{{
     {"bh_ipc_host", BPF_MAP_TYPE_HASH, sizeof(bh_ipcache_host_key), sizeof(bh_identity_info),
      &Options::max_ipcache_hosts, 1u << 20, "--max-ipcache-hosts",
      "Options::max_ipcache_hosts"},
@@ -65,13 +74,23 @@ const std::array<TableSpec, 3> kTables{{
     {"bh_policy", BPF_MAP_TYPE_LPM_TRIE, sizeof(bh_policy_key), sizeof(bh_policy_value),
      &Options::max_policy_entries, 1u << 20, "--max-policy-entries",
      "Options::max_policy_entries"},
+    {"bh_cgroups", BPF_MAP_TYPE_HASH, sizeof(bh_cgroup_key), sizeof(bh_identity_info),
+     &Options::max_cgroups, 1u << 16, "--max-cgroups", "Options::max_cgroups"},
+    // failsafe lists are short: the parser bounds them
+    {"bh_failsafe", BPF_MAP_TYPE_LPM_TRIE, sizeof(bh_failsafe_key), sizeof(std::uint32_t),
+     nullptr, 1u << 14, "(fixed size)", "(fixed size)"},
 }};
 
+std::uint32_t wanted_size(const Options& o, const TableSpec& t, std::uint32_t fallback)
+{
+    return t.option ? (o.*t.option).value_or(fallback) : fallback;
+}
+
 const std::array<const char*, BH_REASON_MAX> kReasonNames{
-    "allow-rule", "deny-rule",     "audit-rule", "allow-default",
-    "deny-default", "audit-default", "not-ip",  "neighbour-discovery",
-    "malformed",  "no-policy",     "tracked",   "failsafe",
-    nullptr,      nullptr,         nullptr,     nullptr,
+    "allow-rule",   "deny-rule",     "audit-rule", "allow-default",
+    "deny-default", "audit-default", "not-ip",     "neighbour-discovery",
+    "malformed",    "no-policy",     "tracked",    "failsafe",
+    "ct-miss",      "revoked",       nullptr,      nullptr,
 };
 
 std::string pin_name(const std::string& map_name)
@@ -208,10 +227,58 @@ std::uint64_t netns_inode()
     return st.st_ino;
 }
 
-// A pinned XDP link's file name: xdp:<mode>:<netns inode>:<interface>. The
-// BPF filesystem refuses '.' in names and interface names may hold one
-// (eth0.100), so '.' and '%' are escaped as %2e and %25; ':' cannot occur in
-// an interface name.
+// Pin names: the BPF filesystem refuses '.' in a name, and '/' cannot be in
+// one, while interface names and cgroup paths hold both. They are escaped as
+// %2e, %2f and %25 ('%' itself); ':' separates fields.
+std::string escape_pin(std::string_view text)
+{
+    std::string out;
+    for (char c : text)
+        out += c == '.' ? "%2e" : c == '/' ? "%2f" : c == '%' ? "%25" : std::string(1, c);
+    return out;
+}
+
+std::string unescape_pin(std::string_view text)
+{
+    std::string out;
+    for (std::size_t i = 0; i < text.size(); ++i) {
+        std::string_view code = text.substr(i, 3);
+        char c = code == "%2e" ? '.' : code == "%2f" ? '/' : code == "%25" ? '%' : '\0';
+        if (c != '\0') {
+            out += c;
+            i += 2;
+        } else {
+            out += text[i];
+        }
+    }
+    return out;
+}
+
+// "a:b:c:rest" split at the first three colons; nullopt if fewer.
+std::optional<std::array<std::string, 4>> split_pin(const std::string& name)
+{
+    auto a = name.find(':');
+    auto b = a == std::string::npos ? a : name.find(':', a + 1);
+    auto c = b == std::string::npos ? b : name.find(':', b + 1);
+    if (c == std::string::npos)
+        return std::nullopt;
+    return std::array<std::string, 4>{name.substr(0, a), name.substr(a + 1, b - a - 1),
+                                      name.substr(b + 1, c - b - 1), name.substr(c + 1)};
+}
+
+std::optional<std::uint64_t> parse_u64(const std::string& text)
+{
+    try {
+        std::size_t used = 0;
+        std::uint64_t v = std::stoull(text, &used);
+        return used == text.size() ? std::optional(v) : std::nullopt;
+    } catch (const std::exception&) {
+        return std::nullopt;
+    }
+}
+
+// A pinned XDP link: xdp:<mode>:<netns inode>:<interface>. Interface names
+// are per network namespace, so the namespace is part of the name.
 struct XdpPin {
     std::string mode;
     std::uint64_t netns = 0;
@@ -219,40 +286,58 @@ struct XdpPin {
 
     std::string file_name() const
     {
-        std::string escaped;
-        for (char c : interface)
-            escaped += c == '.' ? "%2e" : c == '%' ? "%25" : std::string(1, c);
-        return fmt::format("xdp:{}:{}:{}", mode, netns, escaped);
+        return fmt::format("xdp:{}:{}:{}", mode, netns, escape_pin(interface));
     }
 
     static std::optional<XdpPin> parse(const std::string& name)
     {
-        auto a = name.find(':');
-        auto b = a == std::string::npos ? a : name.find(':', a + 1);
-        auto c = b == std::string::npos ? b : name.find(':', b + 1);
-        if (c == std::string::npos || name.substr(0, a) != "xdp")
+        auto parts = split_pin(name);
+        if (!parts || (*parts)[0] != "xdp")
             return std::nullopt;
-        XdpPin pin{name.substr(a + 1, b - a - 1), 0, ""};
-        try {
-            pin.netns = std::stoull(name.substr(b + 1, c - b - 1));
-        } catch (const std::exception&) {
+        auto netns = parse_u64((*parts)[2]);
+        if (!netns)
             return std::nullopt;
-        }
-        std::string escaped = name.substr(c + 1);
-        for (std::size_t i = 0; i < escaped.size(); ++i) {
-            if (escaped.compare(i, 3, "%2e") == 0) {
-                pin.interface += '.';
-                i += 2;
-            } else if (escaped.compare(i, 3, "%25") == 0) {
-                pin.interface += '%';
-                i += 2;
-            } else {
-                pin.interface += escaped[i];
-            }
-        }
-        return pin;
+        return XdpPin{(*parts)[1], *netns, unescape_pin((*parts)[3])};
     }
 };
+
+// A pinned cgroup link: cg:<hook>:<cgroup id>:<path>.
+struct CgroupPin {
+    std::string hook;
+    std::uint64_t cgroup_id = 0;
+    std::string path;
+
+    std::string file_name() const
+    {
+        return fmt::format("cg:{}:{}:{}", hook, cgroup_id, escape_pin(path));
+    }
+
+    static std::optional<CgroupPin> parse(const std::string& name)
+    {
+        auto parts = split_pin(name);
+        if (!parts || (*parts)[0] != "cg")
+            return std::nullopt;
+        auto id = parse_u64((*parts)[2]);
+        if (!id)
+            return std::nullopt;
+        return CgroupPin{(*parts)[1], *id, unescape_pin((*parts)[3])};
+    }
+};
+
+struct CgroupHook {
+    const char* program;
+    bpf_attach_type type;
+    const char* name;
+};
+
+const std::array<CgroupHook, 6> kCgroupHooks{{
+    {"bh_cg_ingress", BPF_CGROUP_INET_INGRESS, "ingress"},
+    {"bh_cg_egress", BPF_CGROUP_INET_EGRESS, "egress"},
+    {"bh_connect4", BPF_CGROUP_INET4_CONNECT, "connect4"},
+    {"bh_connect6", BPF_CGROUP_INET6_CONNECT, "connect6"},
+    {"bh_sendmsg4", BPF_CGROUP_UDP4_SENDMSG, "sendmsg4"},
+    {"bh_sendmsg6", BPF_CGROUP_UDP6_SENDMSG, "sendmsg6"},
+}};
 
 Counter read_percpu(int fd, std::uint32_t index)
 {
@@ -349,7 +434,7 @@ struct GenerationMeta {
     json raw;
     Policy policy;
     detail::Allocations alloc;
-    std::vector<Prefix> host_addrs;
+    detail::HostFacts host;
 
     static GenerationMeta from_json(json j)
     {
@@ -357,7 +442,8 @@ struct GenerationMeta {
         m.policy = detail::policy_from_json(j.at("policy"));
         m.alloc = detail::Allocations::from_json(j.at("alloc"));
         for (const json& h : j.at("host_addrs"))
-            m.host_addrs.push_back(*Prefix::parse(h.get<std::string>()));
+            m.host.addresses.push_back(*Prefix::parse(h.get<std::string>()));
+        m.host.cgroup_ids = j.at("cgroup_ids").get<std::map<std::string, std::uint64_t>>();
         m.raw = std::move(j);
         return m;
     }
@@ -460,6 +546,9 @@ struct Dataplane::Impl {
                 throw_errno(fmt::format("open pinned map '{}'", path.string()), errno);
             if (map == skel->maps.bh_rule_cnt)
                 bpf_map__set_max_entries(map, options.max_rules.value_or(kDefaultMaxRules));
+            if (map == skel->maps.bh_ct)
+                bpf_map__set_max_entries(
+                    map, options.max_connections.value_or(kDefaultMaxConnections));
             return;
         }
 
@@ -482,7 +571,7 @@ struct Dataplane::Impl {
         for (const TableSpec& t : kTables) {
             for (std::uint32_t slot = 0; slot < BH_GENERATION_SLOTS; ++slot) {
                 if (!detail::inner_map(outer_fd(t), slot, t.name))
-                    replace_inner(t, slot, (options.*t.option).value_or(t.default_size));
+                    replace_inner(t, slot, wanted_size(options, t, t.default_size));
             }
         }
     }
@@ -592,7 +681,7 @@ struct Dataplane::Impl {
 
     detail::Compiled recompile(GenerationMeta& meta) const
     {
-        return detail::compile(meta.policy, meta.alloc, meta.host_addrs, {max_rules});
+        return detail::compile(meta.policy, meta.alloc, meta.host, {max_rules});
     }
 
     std::vector<MapFill> fills(const std::optional<GenerationMeta>& meta) const
@@ -607,7 +696,45 @@ struct Dataplane::Impl {
         }
         std::uint64_t rules = meta ? meta->policy.rules.size() : 0;
         out.push_back(MapFill{"bh_rule_cnt", rules, max_rules, "--max-rules"});
+        int ct = fd_of(skel->maps.bh_ct);
+        out.push_back(MapFill{"bh_ct", count_entries(ct, sizeof(bh_ct_key)),
+                              bpf_map__max_entries(skel->maps.bh_ct), "--max-connections"});
         return out;
+    }
+
+    // Walks the keys: the kernel keeps no count for hash maps.
+    static std::uint64_t count_entries(int fd, std::size_t key_size)
+    {
+        std::vector<std::uint8_t> key(key_size), next(key_size);
+        std::uint64_t n = 0;
+        const void* cursor = nullptr;
+        while (bpf_map_get_next_key(fd, cursor, next.data()) == 0) {
+            ++n;
+            key.swap(next);
+            cursor = key.data();
+        }
+        return n;
+    }
+
+    // True when no table size option asks for a change in the slot in force.
+    bool sizes_unchanged(std::uint64_t gen) const
+    {
+        const auto slot = static_cast<std::uint32_t>(gen & 1);
+        return std::all_of(kTables.begin(), kTables.end(), [&](const TableSpec& t) {
+            std::uint32_t have = detail::map_info(inner(t, slot).get(), t.name).max_entries;
+            return wanted_size(options, t, have) == have;
+        });
+    }
+
+    static ApplyResult unchanged_result(std::uint64_t gen, const GenerationMeta& current)
+    {
+        const json& counts = current.raw["counts"];
+        ApplyResult r;
+        r.generation = gen;
+        r.unchanged = true;
+        r.ipcache_entries = counts.value("bh_ipc_host", 0ull) + counts.value("bh_ipc_lpm", 0ull);
+        r.policy_entries = counts.value("bh_policy", 0ull);
+        return r;
     }
 
     ApplyResult commit(const Policy& policy, const std::string& source);
@@ -638,6 +765,39 @@ ApplyResult Dataplane::apply(const Policy& policy, const std::string& source)
     return impl_->commit(policy, source);
 }
 
+// The machine facts a commit compiles against: this namespace's addresses
+// (unless given) and the ids of the policy's cgroups that exist now.
+detail::HostFacts gather_host_facts(const Policy& policy, const Options& options)
+{
+    detail::HostFacts facts;
+    facts.addresses = options.host_addresses.value_or(local_addresses());
+    for (const Identity& ident : policy.identities) {
+        for (const std::string& path : ident.cgroups) {
+            struct stat st {};
+            fs::path resolved = resolve_cgroup_path(path);
+            if (::stat(resolved.c_str(), &st) == 0)
+                facts.cgroup_ids[path] = st.st_ino;  // a cgroup v2 id is its inode
+            else
+                spdlog::warn("cgroup '{}' of identity '{}' does not exist ({}); its processes "
+                             "get no identity until it exists and the policy is applied again",
+                             resolved.string(), ident.name, detail::errno_text(errno));
+        }
+    }
+    return facts;
+}
+
+json host_facts_json(const detail::HostFacts& facts)
+{
+    return {{"host_addrs", prefixes_json(facts.addresses)}, {"cgroup_ids", facts.cgroup_ids}};
+}
+
+// Entry counts per table, in kTables order.
+std::array<std::size_t, kTables.size()> table_sizes(const detail::Compiled& c)
+{
+    return {c.hosts.size(), c.prefixes.size(), c.policy.size(), c.cgroups.size(),
+            c.failsafe.size()};
+}
+
 // The commit protocol: build the new generation in the slot no packet uses,
 // then make it current with one store. See DESIGN.md "Atomic policy updates".
 ApplyResult Dataplane::Impl::commit(const Policy& policy, const std::string& source)
@@ -645,42 +805,29 @@ ApplyResult Dataplane::Impl::commit(const Policy& policy, const std::string& sou
     const std::uint64_t gen = generation();
     const auto slot = static_cast<std::uint32_t>((gen + 1) & 1);
     std::optional<GenerationMeta> current = active_meta();
-    std::vector<Prefix> hosts = options.host_addresses.value_or(local_addresses());
-    json policy_json = detail::policy_to_json(policy);
+    const detail::HostFacts facts = gather_host_facts(policy, options);
+    const json policy_json = detail::policy_to_json(policy);
 
-    ApplyResult result;
-    bool sizes_kept = std::all_of(kTables.begin(), kTables.end(), [&](const TableSpec& t) {
-        auto want = options.*t.option;
-        return !want || *want == detail::map_info(inner(t, static_cast<std::uint32_t>(gen & 1)).get(),
-                                                   t.name).max_entries;
-    });
     if (current && current->raw["policy"] == policy_json &&
-        current->raw["host_addrs"] == prefixes_json(hosts) && sizes_kept) {
-        result.generation = gen;
-        result.unchanged = true;
-        result.ipcache_entries = current->raw["counts"].value("bh_ipc_host", 0ull) +
-                                 current->raw["counts"].value("bh_ipc_lpm", 0ull);
-        result.policy_entries = current->raw["counts"].value("bh_policy", 0ull);
-        return result;
-    }
+        host_facts_json(current->host) == host_facts_json(facts) && sizes_unchanged(gen))
+        return unchanged_result(gen, *current);
 
     detail::Allocations alloc = current ? current->alloc : detail::Allocations{};
     const detail::Allocations before = alloc;
-    detail::Compiled target = detail::compile(policy, alloc, hosts, {max_rules});
-    const std::size_t counts[] = {target.hosts.size(), target.prefixes.size(),
-                                  target.policy.size()};
+    detail::Compiled target = detail::compile(policy, alloc, facts, {max_rules});
+    const auto counts = table_sizes(target);
 
     wait_for_readers(slot);
 
     // size every table before writing anything, so an overflow changes nothing
     std::array<Fd, kTables.size()> fds;
     std::array<std::uint32_t, kTables.size()> sizes{};
-    bool fresh[kTables.size()] = {};
+    std::array<bool, kTables.size()> fresh{};
     for (std::size_t i = 0; i < kTables.size(); ++i) {
         const TableSpec& t = kTables[i];
         fds[i] = inner(t, slot);
         std::uint32_t have = detail::map_info(fds[i].get(), t.name).max_entries;
-        sizes[i] = (options.*t.option).value_or(have);
+        sizes[i] = wanted_size(options, t, have);
         if (counts[i] > sizes[i])
             throw Error(full_table_message(t, counts[i], sizes[i]), ENOSPC);
         if (sizes[i] != have) {
@@ -689,25 +836,29 @@ ApplyResult Dataplane::Impl::commit(const Policy& policy, const std::string& sou
         }
     }
 
-    // what the slot holds now: the generation before the current one
+    // what the slot holds now: the generation before the current one, or
+    // unknown (then each table is cleared and written in full)
     std::optional<GenerationMeta> old = read_meta(slot);
-    std::optional<detail::Compiled> prev;
-    if (old && old->raw.value("compiler", 0) == detail::kCompilerVersion)
+    detail::Compiled prev;
+    bool known = old && old->raw.value("compiler", 0) == detail::kCompilerVersion;
+    if (known)
         prev = recompile(*old);
     clear_meta(slot);
 
-    const detail::Compiled* p = prev ? &*prev : nullptr;
-    std::pair<std::size_t, std::size_t> done[3];
-    // a fresh table is empty: nothing to delete, everything to write
-    static const detail::Table<bh_ipcache_host_key, bh_identity_info> no_hosts;
-    static const detail::Table<bh_ipcache_lpm_key, bh_identity_info> no_prefixes;
-    static const detail::Table<bh_policy_key, bh_policy_value> no_policy;
-    done[0] = sync_table(fds[0].get(), kTables[0], sizes[0], target.hosts,
-                         fresh[0] ? &no_hosts : p ? &p->hosts : nullptr);
-    done[1] = sync_table(fds[1].get(), kTables[1], sizes[1], target.prefixes,
-                         fresh[1] ? &no_prefixes : p ? &p->prefixes : nullptr);
-    done[2] = sync_table(fds[2].get(), kTables[2], sizes[2], target.policy,
-                         fresh[2] ? &no_policy : p ? &p->policy : nullptr);
+    ApplyResult result;
+    auto sync = [&](TableIndex i, const auto& want, const auto& had) {
+        // a fresh table is empty: `had` is then an empty table of the same type
+        std::remove_cvref_t<decltype(had)> empty;
+        const auto* from = fresh[i] ? &empty : known ? &had : nullptr;
+        auto [written, deleted] = sync_table(fds[i].get(), kTables[i], sizes[i], want, from);
+        result.written += written;
+        result.deleted += deleted;
+    };
+    sync(kHostsTable, target.hosts, prev.hosts);
+    sync(kPrefixesTable, target.prefixes, prev.prefixes);
+    sync(kPolicyTable, target.policy, prev.policy);
+    sync(kCgroupsTable, target.cgroups, prev.cgroups);
+    sync(kFailsafeTable, target.failsafe, prev.failsafe);
     detail::map_update(fd_of(skel->maps.bh_gen_cfg), &slot, &target.config, "bh_gen_cfg");
 
     // a rule id new to its name starts counting from zero
@@ -717,15 +868,17 @@ ApplyResult Dataplane::Impl::commit(const Policy& policy, const std::string& sou
             zero_percpu(fd_of(skel->maps.bh_rule_cnt), id, "bh_rule_cnt");
     }
 
-    json meta = {{"compiler", detail::kCompilerVersion},
-                 {"generation", gen + 1},
-                 {"source", source},
-                 {"policy", policy_json},
-                 {"alloc", alloc.to_json()},
-                 {"host_addrs", prefixes_json(hosts)},
-                 {"counts",
-                  {{"bh_ipc_host", counts[0]}, {"bh_ipc_lpm", counts[1]}, {"bh_policy", counts[2]}}}};
-    write_meta(slot, meta);
+    json counts_json;
+    for (std::size_t i = 0; i < kTables.size(); ++i)
+        counts_json[kTables[i].name] = counts[i];
+    write_meta(slot, {{"compiler", detail::kCompilerVersion},
+                      {"generation", gen + 1},
+                      {"source", source},
+                      {"policy", policy_json},
+                      {"alloc", alloc.to_json()},
+                      {"host_addrs", prefixes_json(facts.addresses)},
+                      {"cgroup_ids", facts.cgroup_ids},
+                      {"counts", counts_json}});
 
     // the switch: one aligned 8-byte store that every packet reads once
     std::uint32_t zero = 0;
@@ -733,12 +886,8 @@ ApplyResult Dataplane::Impl::commit(const Policy& policy, const std::string& sou
     detail::map_update(fd_of(skel->maps.bh_gen_ctl), &zero, &ctl, "bh_gen_ctl");
 
     result.generation = gen + 1;
-    result.ipcache_entries = counts[0] + counts[1];
-    result.policy_entries = counts[2];
-    for (const auto& [w, d] : done) {
-        result.written += w;
-        result.deleted += d;
-    }
+    result.ipcache_entries = counts[kHostsTable] + counts[kPrefixesTable];
+    result.policy_entries = counts[kPolicyTable];
     return result;
 }
 
@@ -839,6 +988,121 @@ void Dataplane::detach_xdp(const std::string& interface)
                 ENOENT);
 }
 
+fs::path cgroup_v2_root()
+{
+    std::ifstream mounts("/proc/self/mountinfo");
+    std::string line;
+    std::optional<fs::path> found;
+    while (std::getline(mounts, line)) {
+        // "id parent major:minor root mount-point options ... - fstype source options"
+        auto dash = line.find(" - ");
+        if (dash == std::string::npos || line.compare(dash + 3, 8, "cgroup2 ") != 0)
+            continue;
+        std::istringstream fields(line.substr(0, dash));
+        std::string id, parent, dev, root, mount_point;
+        fields >> id >> parent >> dev >> root >> mount_point;
+        if (!found || mount_point == "/sys/fs/cgroup")
+            found = mount_point;
+    }
+    if (!found)
+        throw Error("cannot find a cgroup v2 mount in /proc/self/mountinfo; mount one with "
+                    "`mount -t cgroup2 none /sys/fs/cgroup/unified`",
+                    ENOENT);
+    return *found;
+}
+
+fs::path resolve_cgroup_path(const fs::path& path)
+{
+    const fs::path root = cgroup_v2_root();
+    const fs::path normal = path.lexically_normal();
+    auto under = [](const fs::path& p, const fs::path& base) {
+        auto rel = p.lexically_relative(base);
+        return !rel.empty() && *rel.begin() != "..";
+    };
+    if (normal == root || under(normal, root))
+        return normal;
+    if (under(normal, "/sys/fs/cgroup"))  // written for a unified host, read on a hybrid one
+        return root / normal.lexically_relative("/sys/fs/cgroup");
+    return root / normal.relative_path();
+}
+
+Attachment Dataplane::attach_cgroup(const fs::path& path)
+{
+    DirLock lock(impl_->options.pin_dir);
+    const fs::path resolved = resolve_cgroup_path(path);
+    Fd cgroup(::open(resolved.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    struct statfs fs_info {};
+    struct stat st {};
+
+    if (!cgroup)
+        throw_errno(fmt::format("attach to cgroup '{}'", resolved.string()), errno,
+                    fmt::format("cgroup v2 is mounted at {}; create the cgroup first",
+                                cgroup_v2_root().string()));
+    if (::fstatfs(cgroup.get(), &fs_info) != 0 || fs_info.f_type != CGROUP2_SUPER_MAGIC ||
+        ::fstat(cgroup.get(), &st) != 0)
+        throw Error(fmt::format("cannot attach to '{}': not a cgroup v2 directory (cgroup v2 is "
+                                "mounted at {})",
+                                resolved.string(), cgroup_v2_root().string()),
+                    EINVAL);
+
+    const fs::path links = impl_->options.pin_dir / "links";
+    std::vector<fs::path> created;
+    try {
+        for (const CgroupHook& hook : kCgroupHooks) {
+            int prog_fd = program_fd(hook.program);
+            fs::path pin = links / CgroupPin{hook.name, st.st_ino, resolved.string()}.file_name();
+            Fd existing(bpf_obj_get(pin.c_str()));
+            // already ours: swap the program inside the link, one program per hook
+            if (existing && bpf_link_update(existing.get(), prog_fd, nullptr) == 0)
+                continue;
+            fs::remove(pin);
+            Fd link(bpf_link_create(prog_fd, cgroup.get(), hook.type, nullptr));
+            if (!link)
+                throw_errno(fmt::format("attach the {} program to cgroup '{}'", hook.name,
+                                        resolved.string()),
+                            errno);
+            if (bpf_obj_pin(link.get(), pin.c_str()) != 0)
+                throw_errno(fmt::format("pin the {} link at '{}'", hook.name, pin.string()),
+                            errno);
+            created.push_back(pin);
+        }
+    } catch (...) {
+        // all hooks or none: a half-attached cgroup would police one way only
+        for (const fs::path& pin : created) {
+            Fd link(bpf_obj_get(pin.c_str()));
+            if (link)
+                bpf_link_detach(link.get());
+            fs::remove(pin);
+        }
+        throw;
+    }
+    return Attachment{"cgroup", resolved.string(),
+                      "ingress,egress,connect4,connect6,sendmsg4,sendmsg6", 0, 0, 0, false};
+}
+
+void Dataplane::detach_cgroup(const fs::path& path)
+{
+    DirLock lock(impl_->options.pin_dir);
+    const std::string resolved = resolve_cgroup_path(path).string();
+    std::size_t removed = 0;
+
+    for (const auto& entry : fs::directory_iterator(impl_->options.pin_dir / "links")) {
+        auto pin = CgroupPin::parse(entry.path().filename());
+        if (!pin || pin->path != resolved)
+            continue;
+        Fd link(bpf_obj_get(entry.path().c_str()));
+        if (link)
+            bpf_link_detach(link.get());
+        fs::remove(entry.path());
+        ++removed;
+    }
+    if (removed == 0)
+        throw Error(fmt::format("cannot detach from cgroup '{}': bulkhead has no links there; "
+                                "see `bulkhead status`",
+                                resolved),
+                    ENOENT);
+}
+
 namespace {
 
 std::size_t detach_links(const fs::path& links)
@@ -883,22 +1147,36 @@ void Dataplane::destroy(const fs::path& pin_dir)
 std::vector<Attachment> Dataplane::Impl::attachments() const
 {
     std::vector<Attachment> out;
+    std::map<std::string, Attachment> cgroups;  // one entry per cgroup, hooks listed
+
     for (const auto& entry : fs::directory_iterator(options.pin_dir / "links")) {
-        auto pin = XdpPin::parse(entry.path().filename());
-        if (!pin)
-            continue;
-        Attachment a{"xdp", pin->interface, pin->mode, 0, 0, 0, true};
+        const std::string name = entry.path().filename();
         Fd link(bpf_obj_get(entry.path().c_str()));
         bpf_link_info info{};
         __u32 len = sizeof(info);
-        if (link && bpf_obj_get_info_by_fd(link.get(), &info, &len) == 0) {
-            a.ifindex = info.xdp.ifindex;
-            a.prog_id = info.prog_id;
-            a.link_id = info.id;
-            a.defunct = info.xdp.ifindex == 0;  // the interface went away
+        bool live = link && bpf_obj_get_info_by_fd(link.get(), &info, &len) == 0;
+
+        if (auto pin = XdpPin::parse(name)) {
+            Attachment a{"xdp", pin->interface, pin->mode, 0, 0, 0, true};
+            if (live) {
+                a.ifindex = info.xdp.ifindex;
+                a.prog_id = info.prog_id;
+                a.link_id = info.id;
+                a.defunct = info.xdp.ifindex == 0;  // the interface went away
+            }
+            out.push_back(a);
+        } else if (auto cg = CgroupPin::parse(name)) {
+            auto [it, fresh] = cgroups.try_emplace(
+                cg->path, Attachment{"cgroup", cg->path, "", 0, 0, 0, false});
+            Attachment& a = it->second;
+            a.mode += (fresh ? "" : ",") + cg->hook;
+            a.prog_id = live ? info.prog_id : a.prog_id;
+            a.link_id = live ? info.id : a.link_id;
+            a.defunct = a.defunct || !live || info.cgroup.cgroup_id == 0;  // cgroup removed
         }
-        out.push_back(a);
     }
+    for (auto& [path, a] : cgroups)
+        out.push_back(std::move(a));
     return out;
 }
 

@@ -71,6 +71,10 @@ enum bh_reason {
 	BH_REASON_NO_POLICY = 9,    /* no generation committed yet: passed */
 	BH_REASON_TRACKED = 10,     /* return traffic of a tracked flow */
 	BH_REASON_FAILSAFE = 11,    /* failsafe port from a management prefix */
+	BH_REASON_CT_MISS = 12,     /* not a verdict: a mid-flow packet found no tracking
+				     * entry (counted besides its verdict) */
+	BH_REASON_REVOKED = 13,     /* not a verdict: a tracked flow that a new
+				     * generation no longer allows (counted besides) */
 	BH_REASON_MAX = 16,
 };
 
@@ -156,6 +160,72 @@ struct bh_counter {
 	BH_U64 bytes;
 };
 
+/* A cgroup's identity: cgroup v2 id (the directory's inode number) -> info.
+ * Per generation, like the IP cache. */
+struct bh_cgroup_key {
+	BH_U64 cgroup_id; /* host */
+};
+
+/*
+ * Failsafe: an LPM trie keyed on protocol, port and then the source address,
+ * so one lookup answers "is this port open to this management prefix".
+ * prefixlen = 32 + the source prefix length in the 128-bit form.
+ */
+struct bh_failsafe_key {
+	BH_U32 prefixlen; /* host */
+	BH_U8 proto;      /* IPPROTO_* */
+	BH_U8 pad;        /* zero */
+	BH_U16 port;      /* be */
+	struct bh_addr src;
+};
+
+/*
+ * Connection tracking, shared by every hook: one entry per flow, keyed by
+ * the tuple of its opening direction. A packet of the opposite direction
+ * finds it by looking up its own tuple reversed. ICMP echo puts the echo id
+ * in both ports, so request and reply have mirror tuples.
+ */
+struct bh_ct_key {
+	struct bh_addr src;
+	struct bh_addr dst;
+	BH_U16 sport;  /* be */
+	BH_U16 dport;  /* be */
+	BH_U8 proto;   /* IPPROTO_* */
+	BH_U8 pad[3];
+};
+
+enum bh_ct_flags {
+	BH_CT_REPLIED = 1,   /* a packet of the reply direction was seen */
+	BH_CT_CLOSING = 2,   /* FIN or RST seen: short life */
+	BH_CT_INGRESS = 4,   /* opened at an ingress point (the destination enforced) */
+	BH_CT_LOCAL_SRC = 8, /* the source end was identified by cgroup_id */
+	BH_CT_LOCAL_DST = 16,/* the destination end was identified by cgroup_id */
+};
+
+struct bh_ct_value {
+	BH_U64 expires_ns; /* host; bpf_ktime_get_ns() time after which it is stale */
+	BH_U64 generation; /* host; the generation that allowed the flow */
+	BH_U64 cgroup_id;  /* host; registered cgroup of the local end, or 0 */
+	BH_U32 rule_id;    /* host; the rule that allowed it, or BH_RULE_ID_NONE */
+	BH_U8 flags;       /* enum bh_ct_flags */
+	BH_U8 pad[3];
+};
+
+/* Fragments: the first fragment's verdict, for the fragments that follow it
+ * (which carry no ports). Keyed like the kernel's reassembly queue. */
+struct bh_frag_key {
+	struct bh_addr src;
+	struct bh_addr dst;
+	BH_U32 id;    /* be as on the wire (IPv4's 16 bits widened) */
+	BH_U8 proto;  /* IPPROTO_* of the fragmented packet */
+	BH_U8 pad[3];
+};
+
+struct bh_frag_value {
+	BH_U64 expires_ns; /* host */
+	BH_U64 generation; /* host */
+};
+
 /* Where a program runs, for events and for the verdict's direction. */
 enum bh_hook {
 	BH_HOOK_XDP = 0,
@@ -203,6 +273,12 @@ struct bh_btf_anchor {
 	struct bh_gen_ctl gen_ctl;
 	struct bh_counter counter;
 	struct bh_meta_key meta_key;
+	struct bh_cgroup_key cgroup_key;
+	struct bh_failsafe_key failsafe_key;
+	struct bh_ct_key ct_key;
+	struct bh_ct_value ct_value;
+	struct bh_frag_key frag_key;
+	struct bh_frag_value frag_value;
 };
 
 #define BH_GENERATION_SLOTS 2
@@ -219,6 +295,12 @@ static_assert(sizeof(struct bh_gen_config) == 8, "bh_gen_config layout");
 static_assert(sizeof(struct bh_gen_ctl) == 8, "bh_gen_ctl layout");
 static_assert(sizeof(struct bh_counter) == 16, "bh_counter layout");
 static_assert(sizeof(struct bh_meta_key) == 8, "bh_meta_key layout");
+static_assert(sizeof(struct bh_cgroup_key) == 8, "bh_cgroup_key layout");
+static_assert(sizeof(struct bh_failsafe_key) == 24, "bh_failsafe_key layout");
+static_assert(sizeof(struct bh_ct_key) == 40, "bh_ct_key layout");
+static_assert(sizeof(struct bh_ct_value) == 32, "bh_ct_value layout");
+static_assert(sizeof(struct bh_frag_key) == 40, "bh_frag_key layout");
+static_assert(sizeof(struct bh_frag_value) == 16, "bh_frag_value layout");
 static_assert(sizeof(struct bh_meta_value) == 4096, "bh_meta_value layout");
 #else
 _Static_assert(sizeof(struct bh_addr) == 16, "bh_addr layout");
@@ -231,6 +313,12 @@ _Static_assert(sizeof(struct bh_gen_config) == 8, "bh_gen_config layout");
 _Static_assert(sizeof(struct bh_gen_ctl) == 8, "bh_gen_ctl layout");
 _Static_assert(sizeof(struct bh_counter) == 16, "bh_counter layout");
 _Static_assert(sizeof(struct bh_meta_key) == 8, "bh_meta_key layout");
+_Static_assert(sizeof(struct bh_cgroup_key) == 8, "bh_cgroup_key layout");
+_Static_assert(sizeof(struct bh_failsafe_key) == 24, "bh_failsafe_key layout");
+_Static_assert(sizeof(struct bh_ct_key) == 40, "bh_ct_key layout");
+_Static_assert(sizeof(struct bh_ct_value) == 32, "bh_ct_value layout");
+_Static_assert(sizeof(struct bh_frag_key) == 40, "bh_frag_key layout");
+_Static_assert(sizeof(struct bh_frag_value) == 16, "bh_frag_value layout");
 _Static_assert(sizeof(struct bh_meta_value) == 4096, "bh_meta_value layout");
 #endif
 

@@ -35,8 +35,11 @@ struct Options {
     std::optional<std::uint32_t> max_ipcache_hosts;     // default 1,048,576
     std::optional<std::uint32_t> max_ipcache_prefixes;  // default 65,536
     std::optional<std::uint32_t> max_policy_entries;    // default 1,048,576
-    // Rule counters are sized when the state is first created (default 16,384).
+    std::optional<std::uint32_t> max_cgroups;           // default 65,536
+    // Sized when the pinned state is first created: rule counters (default
+    // 16,384) and the connection tracking table (default 262,144 flows).
     std::optional<std::uint32_t> max_rules;
+    std::optional<std::uint32_t> max_connections;
     // The addresses of identity `host`. Unset: the addresses of the
     // interfaces of the caller's network namespace at apply time.
     std::optional<std::vector<Prefix>> host_addresses;
@@ -71,9 +74,9 @@ struct Stats {
 };
 
 struct Attachment {
-    std::string hook;       // "xdp"
-    std::string interface;  // as named when attached
-    std::string mode;       // "native" or "generic"
+    std::string hook;       // "xdp", or "cgroup" for the cgroup hooks of one cgroup
+    std::string interface;  // xdp: as named when attached; cgroup: the cgroup's path
+    std::string mode;       // xdp: "native" or "generic"; cgroup: the hooks, comma-separated
     std::uint32_t ifindex = 0;
     std::uint32_t prog_id = 0;
     std::uint32_t link_id = 0;
@@ -139,6 +142,17 @@ public:
     // has none there.
     void detach_xdp(const std::string& interface);
 
+    // Attaches the cgroup programs (cgroup_skb ingress and egress, connect4,
+    // connect6, sendmsg4, sendmsg6) to the cgroup v2 directory `path` as pinned
+    // links; they apply to its descendants too. Attaching again replaces the
+    // programs inside the existing links: one bulkhead program per hook per
+    // cgroup, and programs of other tools on the cgroup are left alone. Throws
+    // Error if the path is not a cgroup v2 directory.
+    Attachment attach_cgroup(const std::filesystem::path& path);
+
+    // Removes bulkhead's links from the cgroup. Throws Error if it has none.
+    void detach_cgroup(const std::filesystem::path& path);
+
     // Removes every link bulkhead made under this pin directory; returns how many.
     std::size_t detach_all();
 
@@ -174,6 +188,15 @@ private:
     explicit Dataplane(std::unique_ptr<Impl> impl);
     std::unique_ptr<Impl> impl_;
 };
+
+// The cgroup v2 mount point: /sys/fs/cgroup on unified hosts,
+// /sys/fs/cgroup/unified on hybrid ones. Throws Error if there is none.
+std::filesystem::path cgroup_v2_root();
+
+// A cgroup path as a policy file or the CLI gives it, made absolute: a path
+// under the cgroup v2 mount is kept; /sys/fs/cgroup/X becomes <root>/X on a
+// hybrid host; anything else is taken relative to the cgroup v2 root.
+std::filesystem::path resolve_cgroup_path(const std::filesystem::path& path);
 
 // Library diagnostics go through spdlog's default logger; libbpf's own output
 // is routed there at debug level. Call with true to see it (the CLI's -v).

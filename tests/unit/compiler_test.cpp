@@ -213,7 +213,7 @@ rules:
   - {name: to-host, from: any, to: host, ports: [tcp/22], action: allow}
 )");
     Allocations alloc;
-    Compiled c = detail::compile(policy, alloc, {*Prefix::parse("203.0.113.1")}, {});
+    Compiled c = detail::compile(policy, alloc, {{*Prefix::parse("203.0.113.1")}, {}}, {});
     EXPECT_EQ(detail::compiled_identity_of(c, *IpAddr::parse("203.0.113.1")), BH_ID_HOST);
     auto v = simulate(c, policy, alloc, tcp("198.51.100.9", "203.0.113.1", 22));
     EXPECT_EQ(v.rule, "to-host");
