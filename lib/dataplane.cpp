@@ -1246,6 +1246,17 @@ bh_identity_info lookup_identity(int host_fd, int lpm_fd, const IpAddr& addr,
     return bh_identity_info{BH_ID_WORLD, cfg.world_ingress_mode, cfg.world_egress_mode, {}};
 }
 
+bool failsafe_open(int fd, const Flow& flow)
+{
+    bh_failsafe_key key{};
+    key.prefixlen = 32 + 128;
+    key.proto = flow.proto;
+    key.port = htons(flow.port);
+    std::memcpy(key.src.bytes, flow.src.bytes.data(), 16);
+    std::uint32_t open = 0;
+    return detail::map_lookup(fd, &key, &open) && open;
+}
+
 void describe(const detail::Compiled& compiled, const Policy& policy, std::uint32_t id,
               std::string& name, Labels& labels)
 {
@@ -1313,7 +1324,11 @@ Explanation Dataplane::explain(const Flow& flow) const
     v.src_identity = src.id;
     v.dst_identity = dst.id;
     const auto mode = static_cast<Mode>(dst.ingress_mode);
-    if (found && rule.action == BH_ACTION_DENY) {
+    if (dst.id == BH_ID_HOST && flow.has_port &&
+        failsafe_open(impl_->inner(kTables[kFailsafeTable], slot).get(), flow)) {
+        v.kind = VerdictKind::allow;
+        v.reason = Reason::failsafe;
+    } else if (found && rule.action == BH_ACTION_DENY) {
         v.kind = mode == Mode::audit ? VerdictKind::audit : VerdictKind::deny;
         v.reason = Reason::rule;
         v.rule = rule_name();
