@@ -294,6 +294,7 @@ constexpr std::array<std::string_view, 6> identity_keys = {"name",    "labels", 
                                                            "cgroups", "ingress", "egress"};
 constexpr std::array<std::string_view, 5> rule_keys = {"name", "from", "to", "ports", "action"};
 constexpr std::array<std::string_view, 3> failsafe_keys = {"ports", "from", "enabled"};
+constexpr std::size_t kMaxFailsafeEntries = 4096;  // the datapath's failsafe table holds 16384
 
 const std::string selector_forms =
     "expected any, world, host, a label mapping such as {app: web}, {cidr: PREFIX}, or a list "
@@ -1076,6 +1077,18 @@ void Parser::parse_failsafe(const Fields& top)
         failsafe.from.clear();
         for (const auto& item : items)
             failsafe.from.push_back(prefix(item, "in failsafe"));
+    }
+
+    // the datapath spells failsafe ports out one by one, so keep them few
+    std::size_t ports = 0;
+    for (const PortSpec& spec : failsafe.ports)
+        ports += std::size_t{spec.hi - spec.lo + 1u} * (spec.proto == PortSpec::Proto::any ? 3 : 1);
+    if (ports * failsafe.from.size() > kMaxFailsafeEntries) {
+        fail(locate(*entry),
+             fmt::format("failsafe opens {} ports to {} prefixes, more than the {} entries "
+                         "it may use",
+                         ports, failsafe.from.size(), kMaxFailsafeEntries),
+             "expected a few management ports, such as [tcp/22]");
     }
 }
 

@@ -589,6 +589,9 @@ std::vector<BadFile> failsafe_cases()
         {"empty management prefixes", head + "failsafe: {from: []}\n",
          "policy.yaml:2:18: 'from' in failsafe is empty; expected at least one management "
          "prefix, or enabled: false"},
+        {"failsafe too wide", head + "failsafe: {ports: [tcp/1-65535]}\n",
+         "policy.yaml:2:11: failsafe opens 65535 ports to 2 prefixes, more than the 4096 "
+         "entries it may use; expected a few management ports, such as [tcp/22]"},
         {"failsafe a list", head + "failsafe: [tcp/22]\n",
          "policy.yaml:2:11: 'failsafe' is a list; expected a mapping such as {ports: [tcp/22], "
          "from: [203.0.113.0/24]}"},
