@@ -285,6 +285,12 @@ static __always_inline int bh_is_ext_hdr(__u8 nexthdr)
 	}
 }
 
+/* Extension headers total at most 8 * 2048 bytes: masking the offset with
+ * this bound changes no value, but tells the verifier that every path through
+ * one header leaves the same range, so it can merge them instead of walking
+ * each combination of header kinds. */
+#define BH_EXT_OFF_MASK 0x7fff
+
 static __always_inline int bh_parse_ipv6(void *l3, void *data_end, struct bh_pkt *pkt)
 {
 	struct ipv6hdr *ip6 = l3;
@@ -294,11 +300,11 @@ static __always_inline int bh_parse_ipv6(void *l3, void *data_end, struct bh_pkt
 	if (ip6->version != 6)
 		return BH_PARSE_MALFORMED;
 
-	__u32 remaining = bpf_ntohs(ip6->payload_len);
-	void *cursor = (void *)(ip6 + 1);
+	__u32 end = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+	__u32 off = sizeof(*ip6);
 	__u8 nexthdr = ip6->nexthdr;
 
-	if (cursor + remaining > data_end)
+	if (l3 + end > data_end)
 		return BH_PARSE_MALFORMED;
 	__builtin_memcpy(pkt->src.bytes, &ip6->saddr, 16);
 	__builtin_memcpy(pkt->dst.bytes, &ip6->daddr, 16);
@@ -308,42 +314,39 @@ static __always_inline int bh_parse_ipv6(void *l3, void *data_end, struct bh_pkt
 		if (!bh_is_ext_hdr(nexthdr))
 			break;
 
-		struct bh_ext_hdr *ext = cursor;
+		off &= BH_EXT_OFF_MASK;
+		struct bh_frag_hdr *ext = l3 + off; /* every kind starts nexthdr, len */
 		__u32 len;
 
 		if ((void *)(ext + 1) > data_end)
 			return BH_PARSE_MALFORMED;
 		if (nexthdr == IPPROTO_FRAGMENT) {
-			struct bh_frag_hdr *frag = cursor;
-
-			if ((void *)(frag + 1) > data_end || remaining < sizeof(*frag))
-				return BH_PARSE_MALFORMED;
-			pkt->frag_id = frag->id;
+			pkt->frag_id = ext->id;
 			/* offset 0 with M clear is an atomic fragment: a whole packet */
-			pkt->frag_first = (bpf_ntohs(frag->frag_off) & 0xfff9) == 1;
-			if (bpf_ntohs(frag->frag_off) & 0xfff8) {
+			pkt->frag_first = (bpf_ntohs(ext->frag_off) & 0xfff9) == 1;
+			if (bpf_ntohs(ext->frag_off) & 0xfff8) {
 				/* a later fragment: no transport header here */
-				pkt->proto = frag->nexthdr;
+				pkt->proto = ext->nexthdr;
 				pkt->has_port = 0;
-				return BH_PARSE_OK;
+				return off + sizeof(*ext) <= end ? BH_PARSE_OK : BH_PARSE_MALFORMED;
 			}
-			len = sizeof(*frag); /* first or atomic fragment: walk on */
+			len = sizeof(*ext);
 		} else if (nexthdr == IPPROTO_AH) {
-			len = ((__u32)ext->len + 2) * 4; /* AH counts 4-byte units, minus 2 */
+			len = ((__u32)ext->reserved + 2) * 4; /* AH: 4-byte units, minus 2 */
 		} else {
-			len = ((__u32)ext->len + 1) * 8; /* the others: 8-byte units, minus 1 */
+			len = ((__u32)ext->reserved + 1) * 8; /* the others: 8-byte units, minus 1 */
 		}
-		if (len > remaining)
+		if (off + len > end)
 			return BH_PARSE_MALFORMED;
 		nexthdr = ext->nexthdr;
-		cursor += len;
-		remaining -= len;
+		off += len;
 	}
 	if (bh_is_ext_hdr(nexthdr))
 		return BH_PARSE_MALFORMED; /* deeper than we walk */
 
 	pkt->proto = nexthdr;
-	return bh_parse_l4(cursor, data_end, remaining, ip6->hop_limit, pkt);
+	off &= BH_EXT_OFF_MASK;
+	return bh_parse_l4(l3 + off, data_end, end - off, ip6->hop_limit, pkt);
 }
 
 /* Parses a packet from its network header (cgroup_skb: no link layer). */
@@ -383,7 +386,11 @@ static __always_inline int bh_parse_eth(void *data, void *data_end, struct bh_pk
 	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD))
 		return BH_PARSE_MALFORMED; /* a third tag: deeper than we walk */
 
-	return bh_parse_l3(cursor, data_end, proto, pkt);
+	/* 14, 18 or 22 bytes; as a masked offset the three cases are one to the
+	 * verifier, which then checks the network layer once, not three times */
+	__u32 l3_off = (__u32)(cursor - data) & 0x1f;
+
+	return bh_parse_l3(data + l3_off, data_end, proto, pkt);
 }
 
 #endif /* BH_PARSE_H */

@@ -49,17 +49,18 @@ struct bh_decision {
 	__u8 pad[2];
 };
 
-/* Reads the generation in force. Returns 0 when none is committed yet. */
-static __always_inline int bh_gen_current(struct bh_gen_view *view)
+/* The generation in force, read once per packet; 0 when none is committed. */
+static __always_inline __u64 bh_gen_read(void)
 {
 	__u32 zero = 0;
 	struct bh_gen_ctl *ctl = bpf_map_lookup_elem(&bh_gen_ctl, &zero);
 
-	if (!ctl)
-		return 0;
+	return ctl ? *(volatile __u64 *)&ctl->generation : 0;
+}
 
-	/* one read: every lookup below uses the same slot */
-	__u64 generation = *(volatile __u64 *)&ctl->generation;
+/* The maps of `generation`: every lookup of the packet uses this one slot. */
+static __always_inline int bh_gen_view_of(__u64 generation, struct bh_gen_view *view)
+{
 	__u32 slot = (__u32)(generation & 1);
 
 	if (generation == 0)
@@ -497,34 +498,55 @@ static __always_inline __u64 bh_nearest_cgroup(const struct bh_gen_view *view,
 	return 0;
 }
 
+/*
+ * Judges and counts a parsed packet in `generation`. A global function: the
+ * verifier checks it once, with every field of *pkt unknown, rather than once
+ * per path through the parser (VLAN tags times extension headers times
+ * fragment shapes), which would multiply its cost many times over.
+ */
+__noinline int bh_judge_packet(const struct bh_pkt *pkt, const struct bh_point *point,
+			       __u64 generation, __u64 bytes)
+{
+	struct bh_decision d = { .rule_id = BH_RULE_ID_NONE };
+	struct bh_gen_view view;
+
+	if (!pkt || !point)
+		return 0;
+	if (!bh_gen_view_of(generation, &view)) {
+		d.pass = 1;
+		d.reason = BH_REASON_NO_POLICY;
+	} else {
+		bh_judge(&view, pkt, point, &d);
+	}
+	bh_account(&d, bytes);
+	return d.pass;
+}
+
 /* Parses (from Ethernet for XDP, from the network header for cgroup_skb),
  * judges and counts one packet; returns 1 to pass it. */
 static __always_inline int bh_verdict_packet(void *data, void *data_end, __u64 bytes,
 					     struct __sk_buff *skb, int ingress)
 {
 	struct bh_pkt pkt = {};
-	struct bh_decision d = { .rule_id = BH_RULE_ID_NONE };
 	struct bh_point point = { .ingress = ingress, .local_is_src = !ingress };
-	struct bh_gen_view view;
+	struct bh_decision d = { .rule_id = BH_RULE_ID_NONE };
 	int parsed = skb ? bh_parse_l3(data, data_end, skb->protocol, &pkt)
 			 : bh_parse_eth(data, data_end, &pkt);
 
-	if (parsed == BH_PARSE_MALFORMED) {
-		d.reason = BH_REASON_MALFORMED;
-	} else if (parsed == BH_PARSE_NOT_IP) {
-		d.pass = 1;
-		d.reason = BH_REASON_NOT_IP;
-	} else if (!bh_gen_current(&view)) {
-		d.pass = 1;
-		d.reason = BH_REASON_NO_POLICY;
-	} else {
-		if (skb)
-			point.cgroup_id = bh_nearest_cgroup(&view, skb);
-		bh_judge(&view, &pkt, &point, &d);
+	if (parsed == BH_PARSE_MALFORMED || parsed == BH_PARSE_NOT_IP) {
+		d.pass = parsed == BH_PARSE_NOT_IP;
+		d.reason = d.pass ? BH_REASON_NOT_IP : BH_REASON_MALFORMED;
+		bh_account(&d, bytes);
+		return d.pass;
 	}
 
-	bh_account(&d, bytes);
-	return d.pass;
+	__u64 generation = bh_gen_read();
+	struct bh_gen_view view;
+
+	if (skb && bh_gen_view_of(generation, &view))
+		point.cgroup_id = bh_nearest_cgroup(&view, skb);
+	/* the verifier sees a global function's result as any value */
+	return bh_judge_packet(&pkt, &point, generation, bytes) ? 1 : 0;
 }
 
 /* connect() and unconnected sendmsg(): judged before any packet exists, at
@@ -537,7 +559,7 @@ static __always_inline int bh_verdict_sock_addr(struct bpf_sock_addr *ctx, int v
 	struct bh_point point = { .ingress = 0, .local_is_src = 1, .local_is_host = 1 };
 	struct bh_gen_view view;
 
-	if (!bh_gen_current(&view)) {
+	if (!bh_gen_view_of(bh_gen_read(), &view)) {
 		d.pass = 1;
 		d.reason = BH_REASON_NO_POLICY;
 		bh_account(&d, 0);

@@ -78,7 +78,7 @@ const std::array<TableSpec, 5> kTables{{
      &Options::max_cgroups, 1u << 16, "--max-cgroups", "Options::max_cgroups"},
     // failsafe lists are short: the parser bounds them
     {"bh_failsafe", BPF_MAP_TYPE_LPM_TRIE, sizeof(bh_failsafe_key), sizeof(std::uint32_t),
-     nullptr, 1u << 14, "(fixed size)", "(fixed size)"},
+     nullptr, 1u << 14, "", ""},
 }};
 
 std::uint32_t wanted_size(const Options& o, const TableSpec& t, std::uint32_t fallback)
@@ -488,7 +488,8 @@ struct Dataplane::Impl {
     };
 
     Options options;
-    std::unique_ptr<bulkhead_bpf, SkelDeleter> skel;
+    std::unique_ptr<bulkhead_bpf, SkelDeleter> skel;   // the maps
+    mutable std::unique_ptr<bulkhead_bpf, SkelDeleter> progs;  // the programs, once needed
     std::uint32_t max_rules = kDefaultMaxRules;
 
     explicit Impl(Options o) : options(std::move(o)) {}
@@ -505,7 +506,9 @@ struct Dataplane::Impl {
         return bpf_object__find_map_fd_by_name(skel->obj, t.name);
     }
 
-    // Opens the object, reusing every pinned map, loads it, pins new maps.
+    // Opens the object's maps, reusing every pinned one, and pins new ones.
+    // Programs are not loaded here: the verifier costs a good fraction of a
+    // second, and status, stats, explain and apply need only the maps.
     void load()
     {
         skel.reset(bulkhead_bpf__open());
@@ -518,11 +521,15 @@ struct Dataplane::Impl {
             if (!bpf_map__is_internal(map))
                 reuse_pinned(map);
         }
+        bpf_program* prog = nullptr;
+        bpf_object__for_each_program(prog, skel->obj)
+        {
+            bpf_program__set_autoload(prog, false);
+        }
 
         int err = bulkhead_bpf__load(skel.get());
         if (err)
-            throw_errno("load the BPF programs", -err,
-                        "run with -v to see the verifier's log");
+            throw_errno("create the BPF maps", -err, "run with -v for libbpf's log");
 
         bpf_object__for_each_map(map, skel->obj)
         {
@@ -533,6 +540,30 @@ struct Dataplane::Impl {
                 throw_errno(fmt::format("pin map at '{}'", path.string()), errno);
         }
         max_rules = bpf_map__max_entries(skel->maps.bh_rule_cnt);
+    }
+
+    // The programs, loaded on first use over the same maps.
+    bulkhead_bpf* programs() const
+    {
+        if (progs)
+            return progs.get();
+
+        std::unique_ptr<bulkhead_bpf, SkelDeleter> loaded(bulkhead_bpf__open());
+        if (!loaded)
+            throw_errno("open the embedded BPF object", errno);
+        bpf_map* map = nullptr;
+        bpf_object__for_each_map(map, loaded->obj)
+        {
+            if (bpf_map__is_internal(map))
+                continue;
+            int fd = bpf_object__find_map_fd_by_name(skel->obj, bpf_map__name(map));
+            if (int err = bpf_map__reuse_fd(map, fd))
+                throw_errno(fmt::format("reuse map '{}'", bpf_map__name(map)), -err);
+        }
+        if (int err = bulkhead_bpf__load(loaded.get()))
+            throw_errno("load the BPF programs", -err, "run with -v to see the verifier's log");
+        progs = std::move(loaded);
+        return progs.get();
     }
 
     void reuse_pinned(bpf_map* map)
@@ -901,7 +932,7 @@ Attachment Dataplane::attach_xdp(const std::string& interface, XdpMode mode)
                                 interface),
                     ENODEV);
 
-    int prog_fd = bpf_program__fd(impl_->skel->progs.bh_xdp);
+    int prog_fd = bpf_program__fd(impl_->programs()->progs.bh_xdp);
     fs::path links = impl_->options.pin_dir / "links";
     std::uint64_t ns = netns_inode();
 
@@ -1355,7 +1386,7 @@ Explanation Dataplane::explain(const Flow& flow) const
 
 int Dataplane::program_fd(const std::string& name) const
 {
-    bpf_program* prog = bpf_object__find_program_by_name(impl_->skel->obj, name.c_str());
+    bpf_program* prog = bpf_object__find_program_by_name(impl_->programs()->obj, name.c_str());
     if (!prog)
         throw Error(fmt::format("no BPF program named '{}' in bulkhead's object", name));
     return bpf_program__fd(prog);

@@ -117,10 +117,11 @@ struct Explanation {
 // commits and attachments are serialized by a lock in that directory.
 class Dataplane {
 public:
-    // Loads the BPF programs and creates or reuses the pinned maps under
-    // options.pin_dir, mounting the BPF filesystem at /sys/fs/bpf if it is the
-    // pin directory's parent and not mounted. Costs one program load (the
-    // verifier, milliseconds) and a few dozen bpf() calls. Throws Error when
+    // Creates or reuses the pinned maps under options.pin_dir, mounting the
+    // BPF filesystem at /sys/fs/bpf if it is the pin directory's parent and
+    // not mounted. Costs a few dozen bpf() calls; the programs are loaded (the
+    // verifier: a few hundred milliseconds) only on the first attach_*() or
+    // program_fd(). Throws Error when
     // not privileged (needs CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN or root),
     // when the kernel lacks a feature (named), or when the pinned maps have a
     // different layout.
@@ -179,7 +180,8 @@ public:
     static void destroy(const std::filesystem::path& pin_dir);
 
     // Escape hatches for tests and benchmarks: the program fd of the named
-    // program ("bh_xdp", "bh_xdp_pass") and the fd of a map by its name.
+    // program ("bh_xdp", "bh_xdp_pass", "bh_cg_ingress", ...; loads the
+    // programs on first use) and the fd of a map by its name.
     int program_fd(const std::string& name) const;
     int map_fd(const std::string& name) const;
 
