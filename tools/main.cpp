@@ -86,6 +86,16 @@ std::string_view reason_word(Reason reason) {
     return "?";
 }
 
+namespace {
+
+// "raise with --max-rules", or what the library says instead: "(fixed size)".
+std::string raise_text(const std::string& option) {
+    if (option.rfind("--", 0) == 0) return "raise with " + option;
+    return option.empty() ? "(fixed size)" : option;
+}
+
+}  // namespace
+
 void print_stats(std::FILE* out, const Stats& stats, bool skip_zero) {
     std::size_t width = 20;
     for (const auto& rule : stats.rules) width = std::max(width, rule.name.size() + 8);
@@ -110,8 +120,8 @@ void print_stats(std::FILE* out, const Stats& stats, bool skip_zero) {
 
     fmt::print(out, "map fill:\n");
     for (const auto& map : stats.maps) {
-        fmt::print(out, "  {:<{}} {:>10} of {:<10} raise with {}\n", map.name, width,
-                   map.entries, map.max_entries, map.option.empty() ? "-" : map.option);
+        fmt::print(out, "  {:<{}} {:>10} of {:<10} {}\n", map.name, width, map.entries,
+                   map.max_entries, raise_text(map.option));
     }
 }
 
@@ -140,6 +150,32 @@ json maps_json(const std::vector<MapFill>& maps) {
                        {"option", map.option}});
     }
     return out;
+}
+
+// The cgroup hooks in the order the datapath documents them; the library
+// lists a cgroup's hooks in the order it finds their pins.
+std::string canonical_hooks(const std::string& hooks) {
+    static const std::vector<std::string> order = {"ingress",  "egress",   "connect4",
+                                                   "connect6", "sendmsg4", "sendmsg6"};
+    std::vector<std::string> given;
+    for (std::size_t start = 0; start <= hooks.size();) {
+        std::size_t comma = std::min(hooks.find(',', start), hooks.size());
+        if (comma > start) given.push_back(hooks.substr(start, comma - start));
+        start = comma + 1;
+    }
+    std::vector<std::string> sorted;
+    for (const auto& hook : order) {
+        if (std::find(given.begin(), given.end(), hook) != given.end()) sorted.push_back(hook);
+    }
+    for (const auto& hook : given) {
+        if (std::find(order.begin(), order.end(), hook) == order.end()) sorted.push_back(hook);
+    }
+    return fmt::format("{}", fmt::join(sorted, ","));
+}
+
+Attachment canonical(Attachment a) {
+    if (a.hook == "cgroup") a.mode = canonical_hooks(a.mode);
+    return a;
 }
 
 json attachment_json(const Attachment& a) {
@@ -242,12 +278,30 @@ int cmd_validate(const std::string& file, bool as_json) {
     return 0;
 }
 
+// --max-rules and --max-connections size tables that are made once, with the
+// pinned state; say so when an existing table has another size.
+void warn_fixed_sizes(const Dataplane& dp, const Options& options) {
+    const std::pair<const char*, std::optional<std::uint32_t>> asked[] = {
+        {"bh_rule_cnt", options.max_rules}, {"bh_ct", options.max_connections}};
+    for (const auto& map : dp.status().maps) {
+        for (const auto& [name, size] : asked) {
+            if (map.name != name || !size || *size == map.max_entries) continue;
+            fmt::print(stderr, "bulkhead: warning: {} {} ignored: {} was created with {} entries "
+                               "and keeps that size; to resize it, `bulkhead detach all` and "
+                               "remove {}, then apply again\n",
+                       map.option, *size, map.name, map.max_entries,
+                       options.pin_dir.string());
+        }
+    }
+}
+
 int cmd_apply(const std::string& file, const Options& options, bool as_json) {
     Policy policy = Policy::load(file);
     print_warnings(policy);
 
     Dataplane dp = open_dataplane("policy apply", options);
     ApplyResult r = dp.apply(policy, file);
+    warn_fixed_sizes(dp, options);
 
     if (as_json) {
         print_json({{"file", file},
@@ -438,6 +492,69 @@ int cmd_detach_xdp(const std::string& iface, const Options& options) {
     return 0;
 }
 
+// Whether `dir` is `base` or lies under it (both absolute and normal).
+bool is_within(const std::filesystem::path& dir, const std::filesystem::path& base) {
+    auto rel = dir.lexically_relative(base);
+    return !rel.empty() && *rel.begin() != "..";
+}
+
+// The identity of the policy in force that processes in cgroup `resolved`
+// get: the one listing the nearest ancestor (or the cgroup itself); nullopt
+// when none does.
+std::optional<std::string> cgroup_identity(const Dataplane& dp,
+                                           const std::filesystem::path& resolved) {
+    std::optional<Policy> policy = dp.current_policy();
+    if (!policy) return std::nullopt;
+
+    std::optional<std::string> best;
+    std::size_t best_depth = 0;
+    for (const auto& identity : policy->identities) {
+        for (const auto& path : identity.cgroups) {
+            std::filesystem::path listed = resolve_cgroup_path(path);
+            std::size_t depth = static_cast<std::size_t>(std::distance(listed.begin(),
+                                                                       listed.end()));
+            bool registered = std::filesystem::is_directory(listed);  // ids taken at apply
+            if (registered && is_within(resolved, listed) && (!best || depth > best_depth)) {
+                best = identity.name;
+                best_depth = depth;
+            }
+        }
+    }
+    return best;
+}
+
+int cmd_attach_cgroup(const std::string& path, const Options& options, bool as_json) {
+    require_privileges("attach cgroup");
+    Dataplane dp = Dataplane::open(options);
+    Attachment a = canonical(dp.attach_cgroup(path));
+
+    // attach_cgroup() does not report link and program ids; status does.
+    for (const auto& listed : dp.status().attachments) {
+        if (listed.hook == "cgroup" && listed.interface == a.interface) a = canonical(listed);
+    }
+
+    std::optional<std::string> identity = cgroup_identity(dp, a.interface);
+    if (!identity) {
+        fmt::print(stderr, "bulkhead: note: no identity of the policy in force lists {} or a "
+                           "parent cgroup of it: its processes are judged as `host` at connect "
+                           "and send, and by their address per packet\n", a.interface);
+    }
+    if (as_json) {
+        print_json(attachment_json(a));
+    } else {
+        fmt::print("attached to cgroup {} ({}; identity {})\n", a.interface, a.mode,
+                   identity ? *identity : "none in the policy in force");
+    }
+    return 0;
+}
+
+int cmd_detach_cgroup(const std::string& path, const Options& options) {
+    Dataplane dp = open_existing("detach cgroup", options);
+    dp.detach_cgroup(path);
+    fmt::print("detached from cgroup {}\n", resolve_cgroup_path(path).string());
+    return 0;
+}
+
 int cmd_detach_all(const Options& options) {
     require_privileges("detach all");
     if (!std::filesystem::exists(options.pin_dir)) {
@@ -460,7 +577,7 @@ int cmd_status(const Options& options, bool as_json) {
 
     if (as_json) {
         json attachments = json::array();
-        for (const auto& a : s.attachments) attachments.push_back(attachment_json(a));
+        for (const auto& a : s.attachments) attachments.push_back(attachment_json(canonical(a)));
         print_json({{"pin_dir", s.pin_dir.string()},
                     {"generation", s.generation},
                     {"policy_source", s.policy_source},
@@ -480,14 +597,21 @@ int cmd_status(const Options& options, bool as_json) {
     }
     fmt::print("attachments:{}\n", s.attachments.empty() ? " none" : "");
     for (const auto& a : s.attachments) {
+        if (a.hook == "cgroup") {
+            fmt::print("  cgroup {} ({}){}\n", a.interface, a.mode,
+                       a.defunct ? fmt::format(" DEFUNCT: the cgroup is gone; run `bulkhead "
+                                               "detach cgroup {}`", a.interface)
+                                 : "");
+            continue;
+        }
         fmt::print("  {} on {} (ifindex {}, {} mode, program {}, link {}){}\n", a.hook,
                    a.interface, a.ifindex, a.mode, a.prog_id, a.link_id,
                    a.defunct ? " DEFUNCT: the interface is gone; run `bulkhead detach xdp`" : "");
     }
     fmt::print("maps:\n");
     for (const auto& m : s.maps) {
-        fmt::print("  {:<24} {:>10} of {:<10} raise with {}\n", m.name, m.entries, m.max_entries,
-                   m.option.empty() ? "-" : m.option);
+        fmt::print("  {:<24} {:>10} of {:<10} {}\n", m.name, m.entries, m.max_entries,
+                   raise_text(m.option));
     }
     return 0;
 }
@@ -678,9 +802,14 @@ int run(int argc, char** argv) {
                       "Size of the host address table (default 1048576)");
     apply->add_option("--max-ipcache-prefixes", options.max_ipcache_prefixes,
                       "Size of the prefix tables (default 65536)");
+    apply->add_option("--max-cgroups", options.max_cgroups,
+                      "Size of the cgroup identity table (default 65536)");
     apply->add_option("--max-rules", options.max_rules,
                       "Rule counter slots; takes effect only when the state is first created "
                       "(default 16384)");
+    apply->add_option("--max-connections", options.max_connections,
+                      "Size of the connection tracking table (LRU); takes effect only when the "
+                      "state is first created (default 262144)");
 
     auto* diff = policy->add_subcommand("diff", "Compare a policy file with the policy in force");
     diff->add_option("FILE", file, "Policy file (YAML)")->required();
@@ -689,7 +818,9 @@ int run(int argc, char** argv) {
     // attach, detach
     std::string iface;
     std::string mode = "auto";
-    auto* attach = app.add_subcommand("attach", "Attach the XDP program to an interface");
+    std::string cgroup;
+    auto* attach =
+        app.add_subcommand("attach", "Attach bulkhead's programs to an interface or a cgroup");
     attach->require_subcommand(1);
     auto* attach_xdp =
         attach->add_subcommand("xdp", "Attach XDP to IFACE in this network namespace");
@@ -698,11 +829,23 @@ int run(int argc, char** argv) {
         ->check(CLI::IsMember({"auto", "native", "generic"}))
         ->capture_default_str();
     attach_xdp->add_flag("--json", as_json, "Print one JSON object");
+    auto* attach_cgroup = attach->add_subcommand(
+        "cgroup", "Attach the cgroup programs (cgroup_skb ingress and egress, connect4, connect6, "
+                  "sendmsg4, sendmsg6) to PATH; they apply to its descendants too");
+    attach_cgroup
+        ->add_option("PATH", cgroup,
+                     "cgroup v2 directory: a path under the cgroup v2 mount, or one relative to "
+                     "it (/system.slice/db.service)")
+        ->required();
+    attach_cgroup->add_flag("--json", as_json, "Print one JSON object");
 
     auto* detach = app.add_subcommand("detach", "Remove bulkhead's attachments");
     detach->require_subcommand(1);
     auto* detach_xdp = detach->add_subcommand("xdp", "Detach XDP from IFACE");
     detach_xdp->add_option("IFACE", iface, "Interface name")->required();
+    auto* detach_cgroup = detach->add_subcommand("cgroup", "Detach the cgroup programs from PATH");
+    detach_cgroup->add_option("PATH", cgroup, "cgroup v2 directory, as given to attach")
+        ->required();
     auto* detach_all = detach->add_subcommand("all", "Detach every link under the pin directory");
 
     // status, stats
@@ -751,7 +894,9 @@ int run(int argc, char** argv) {
     if (apply->parsed()) return cmd_apply(file, options, as_json);
     if (diff->parsed()) return cmd_diff(file, options, as_json);
     if (attach_xdp->parsed()) return cmd_attach_xdp(iface, mode, options, as_json);
+    if (attach_cgroup->parsed()) return cmd_attach_cgroup(cgroup, options, as_json);
     if (detach_xdp->parsed()) return cmd_detach_xdp(iface, options);
+    if (detach_cgroup->parsed()) return cmd_detach_cgroup(cgroup, options);
     if (detach_all->parsed()) return cmd_detach_all(options);
     if (status->parsed()) return cmd_status(options, as_json);
     if (stats->parsed()) return cmd_stats(options, as_json);

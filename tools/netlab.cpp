@@ -665,7 +665,46 @@ std::string unescape_mount_path(const std::string& s) {
     return out;
 }
 
-const char* kCgroupParent = "bulkhead-netlab";
+// Kills what is still in a cgroup. Only this process puts processes there
+// (run_in_cgroup's children), so every pid listed is one of ours.
+void kill_members(const std::filesystem::path& cgroup) noexcept {
+    std::ifstream procs(cgroup / "cgroup.procs");
+    for (pid_t pid = 0; procs >> pid;) {
+        if (pid > 0) ::kill(pid, SIGKILL);
+    }
+}
+
+// Removes the cgroup, waiting while processes just killed keep it busy,
+// then each of its `levels` parents that is empty (another user of a shared
+// parent keeps it busy; that is fine).
+void remove_cgroup(const std::filesystem::path& path, int levels) noexcept {
+    kill_members(path);
+    for (int attempt = 0; attempt < 100; ++attempt) {
+        if (::rmdir(path.c_str()) == 0 || errno == ENOENT) break;
+        if (errno != EBUSY) {
+            std::fprintf(stderr, "netlab: cannot remove cgroup %s: %s\n", path.c_str(),
+                         std::strerror(errno));
+            return;
+        }
+        std::this_thread::sleep_for(10ms);
+    }
+    std::filesystem::path parent = path.parent_path();
+    for (int level = 0; level < levels && ::rmdir(parent.c_str()) == 0; ++level) {
+        parent = parent.parent_path();
+    }
+}
+
+// Checks `parent` as Cgroup takes it: relative and normal, every level a
+// plain name, the first one bulkhead's.
+void check_cgroup_parent(const std::filesystem::path& parent) {
+    bool plain = !parent.empty() && parent.is_relative() && parent.lexically_normal() == parent;
+    for (const auto& part : parent) plain = plain && part != ".." && part != ".";
+    if (!plain || parent.begin()->string().rfind("bulkhead", 0) != 0) {
+        throw Error(fmt::format("cannot create a cgroup under '{}': expected a path relative to "
+                                "the cgroup v2 mount whose first level is bulkhead's, such as "
+                                "bulkhead-netlab or bulkhead-demo/agent", parent.string()));
+    }
+}
 
 }  // namespace
 
@@ -690,46 +729,38 @@ std::filesystem::path cgroup2_mount() {
                 "hierarchy");
 }
 
-Cgroup::Cgroup(std::string_view tag) {
-    std::filesystem::path parent = cgroup2_mount() / kCgroupParent;
-    path_ = parent / unique_name(tag);
+Cgroup::Cgroup(std::string_view tag, const std::filesystem::path& parent) {
+    check_cgroup_parent(parent);
+    const std::filesystem::path mount = cgroup2_mount();
+    path_ = mount / parent / unique_name(tag);
+    levels_ = static_cast<int>(std::distance(parent.begin(), parent.end()));
 
-    // Another process may remove the shared parent between our two mkdirs
-    // (it removes it when it looks empty), so retry a few times.
+    // Another process may remove a shared parent between our mkdirs (it
+    // removes it when it looks empty), so retry a few times.
     for (int attempt = 0;; ++attempt) {
-        if (::mkdir(parent.c_str(), 0755) < 0 && errno != EEXIST) {
-            fail_errno(fmt::format("cannot create cgroup {}", parent.string()), errno);
+        std::filesystem::path level = mount;
+        for (const auto& part : parent) {
+            level /= part;
+            if (::mkdir(level.c_str(), 0755) < 0 && errno != EEXIST) {
+                fail_errno(fmt::format("cannot create cgroup {}", level.string()), errno);
+            }
         }
         if (::mkdir(path_.c_str(), 0755) == 0) break;
         int err = errno;
         if (err == EEXIST && attempt < 3) {
-            ::rmdir(path_.c_str());  // left by a dead process that had our pid
+            remove_cgroup(path_, 0);  // left by a dead process that had our pid
             continue;
         }
         if (err == ENOENT && attempt < 5) continue;
         fail_errno(fmt::format("cannot create cgroup {}", path_.string()), err);
     }
 
-    cleanup_token_ = add_cleanup([path = path_] {
-        ::rmdir(path.c_str());
-        ::rmdir(path.parent_path().c_str());
-    });
+    cleanup_token_ = add_cleanup([path = path_, levels = levels_] { remove_cgroup(path, levels); });
 }
 
 Cgroup::~Cgroup() {
     remove_cleanup(cleanup_token_);
-
-    // A child that was just reaped can keep the cgroup busy for a moment.
-    for (int attempt = 0; attempt < 100; ++attempt) {
-        if (::rmdir(path_.c_str()) == 0 || errno == ENOENT) break;
-        if (errno != EBUSY) {
-            std::fprintf(stderr, "netlab: cannot remove cgroup %s: %s\n", path_.c_str(),
-                         std::strerror(errno));
-            break;
-        }
-        std::this_thread::sleep_for(10ms);
-    }
-    ::rmdir(path_.parent_path().c_str());  // fails while other cgroups use it; fine
+    remove_cgroup(path_, levels_);
 }
 
 std::uint64_t Cgroup::id() const {

@@ -294,13 +294,17 @@ bool ping(const NetNs& ns, const std::string& dst, std::chrono::milliseconds tim
 // e.g. /sys/fs/cgroup/unified). Throws if there is none.
 std::filesystem::path cgroup2_mount();
 
-// A child cgroup "<mount>/bulkhead-netlab/bh-<pid>-<tag>[-N]", created on
-// construction; removed on destruction (it must be empty by then: every
-// process placed in it has exited), together with the bulkhead-netlab parent
-// when that is empty. Never touches the root cgroup itself.
+// A child cgroup "<mount>/<parent>/bh-<pid>-<tag>[-N]", created on
+// construction together with any missing level of `parent`: a path relative
+// to the cgroup v2 mount whose first level is bulkhead's ("bulkhead-netlab",
+// "bulkhead-demo/agent"), so the root cgroup itself is never touched.
+// Removed on destruction, and by cleanup_all(): processes still in it (only
+// run_in_cgroup puts any there) are killed first; then every level of
+// `parent` that is empty is removed too.
 class Cgroup {
 public:
-    explicit Cgroup(std::string_view tag);
+    explicit Cgroup(std::string_view tag,
+                    const std::filesystem::path& parent = "bulkhead-netlab");
     Cgroup(const Cgroup&) = delete;
     Cgroup& operator=(const Cgroup&) = delete;
     ~Cgroup();
@@ -311,6 +315,7 @@ public:
 
 private:
     std::filesystem::path path_;
+    int levels_ = 0;  // levels of `parent`
     std::uint64_t cleanup_token_ = 0;
 };
 
