@@ -22,6 +22,7 @@
 #include <memory>
 #include <random>
 #include <set>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -482,7 +483,17 @@ std::string address_text(const IpAddr& a, bool mapped_v6)
     return mapped_v6 ? "::ffff:" + a.str() : a.str();
 }
 
-GeneratedPacket random_packet(Rng& rng, const Generated& g)
+// The tuples of the flows sent so far, as connection tracking keys them:
+// addresses, ports (the echo id both ways for ICMP echo, none for protocols
+// without ports) and protocol.
+using FlowTuple = std::tuple<IpAddr, IpAddr, std::uint16_t, std::uint16_t, std::uint8_t>;
+using SentFlows = std::set<FlowTuple>;
+
+// `flow` numbers the packet's flow: its source port (an ephemeral one) or
+// echo id and its IP id. The reference evaluator is stateless, so a packet
+// whose flow, or its reverse, was sent before is not made: nullopt.
+std::optional<GeneratedPacket> random_packet(Rng& rng, const Generated& g, std::uint32_t flow,
+                                             SentFlows& sent)
 {
     GeneratedPacket out;
     Packet& p = out.packet;
@@ -567,6 +578,18 @@ GeneratedPacket random_packet(Rng& rng, const Generated& g)
     f.has_port = !later_fragment;
     if (later_fragment)
         f.port = 0;
+
+    // the tuple tracking would see (later fragments are tracked by IP id)
+    auto sport = static_cast<std::uint16_t>(32768 + flow % 32768);
+    if (f.has_port && (!icmp || (f.port >> 8) == 0 || (f.port >> 8) == 8 ||
+                       (f.port >> 8) == 128 || (f.port >> 8) == 129)) {
+        bool ports = f.proto == kProtoTcp || f.proto == kProtoUdp || f.proto == kProtoSctp;
+        std::uint16_t a = icmp ? sport : ports ? sport : 0;
+        std::uint16_t b = icmp ? sport : ports ? f.port : 0;
+        if (sent.count({f.src, f.dst, a, b, f.proto}) || sent.count({f.dst, f.src, b, a, f.proto}))
+            return std::nullopt;
+        sent.insert({f.src, f.dst, a, b, f.proto});
+    }
     f.neighbour_discovery = f.proto == kProtoIcmpv6 && f.has_port && (f.port >> 8) >= 133 &&
                             (f.port >> 8) <= 137 && hop_limit == 255;
 
@@ -603,18 +626,18 @@ GeneratedPacket random_packet(Rng& rng, const Generated& g)
         for (auto& b : payload)
             b = rng.byte();
         p.payload(std::move(payload));
+        p.flow_ids(sport, flow);
         return out;
     }
-    std::uint16_t sport = rng.u16();
     switch (f.proto) {
     case kProtoTcp:
-        p.tcp({.sport = sport, .dport = f.port, .flags = kTcpSyn});
+        p.tcp({.dport = f.port, .flags = kTcpSyn});
         break;
     case kProtoUdp:
-        p.udp({.sport = sport, .dport = f.port});
+        p.udp({.dport = f.port});
         break;
     case kProtoSctp:
-        p.sctp({.sport = sport, .dport = f.port});
+        p.sctp({.dport = f.port});
         break;
     case kProtoIcmp:
         p.icmp({.type = static_cast<std::uint8_t>(f.port >> 8),
@@ -629,6 +652,7 @@ GeneratedPacket random_packet(Rng& rng, const Generated& g)
         break;
     }
     p.payload(static_cast<std::size_t>(rng.between(0, 64)), rng.byte());
+    p.flow_ids(sport, flow);
     return out;
 }
 
@@ -783,6 +807,8 @@ void DifferentialTest::run(const Shape& shape)
 
     int reports = 0;
     std::uint64_t checked = 0;
+    SentFlows sent;  // tracking state outlives a policy
+    std::uint64_t flow = 0;
     std::map<std::string, std::uint64_t> seen;  // reason -> packets, to show the mix
     auto started = std::chrono::steady_clock::now();
 
@@ -820,7 +846,10 @@ void DifferentialTest::run(const Shape& shape)
         std::map<std::uint32_t, std::uint64_t> rules;
 
         for (std::uint64_t j = 0; j < packets && reports < max_reports; j++) {
-            GeneratedPacket pk = random_packet(rng, g);
+            std::optional<GeneratedPacket> made;
+            while (!made)
+                made = random_packet(rng, g, static_cast<std::uint32_t>(flow++), sent);
+            GeneratedPacket& pk = *made;
             Verdict want = reference_verdict(policy, pk.flow, Direction::ingress, hosts_);
             std::string want_reason = reason_counter(want);
             std::uint32_t want_action = want.passes() ? kXdpPass : kXdpDrop;

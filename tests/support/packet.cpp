@@ -253,6 +253,31 @@ Packet& Packet::raw_l4(std::uint8_t proto)
     return *this;
 }
 
+Packet& Packet::flow_ids(std::uint16_t port, std::uint32_t ip_id)
+{
+    auto echo = [](std::uint8_t type) {
+        return type == 0 || type == 8 || type == 128 || type == 129;
+    };
+    if (auto* tcp = std::get_if<Tcp>(&l4_))
+        tcp->sport = port;
+    else if (auto* udp = std::get_if<Udp>(&l4_))
+        udp->sport = port;
+    else if (auto* sctp = std::get_if<Sctp>(&l4_))
+        sctp->sport = port;
+    else if (auto* icmp = std::get_if<Icmp>(&l4_); icmp && echo(icmp->type))
+        icmp->id = port;
+    else if (auto* icmp6 = std::get_if<IcmpV6>(&l4_); icmp6 && echo(icmp6->fields.type))
+        icmp6->fields.id = port;
+
+    if (auto* ip = std::get_if<Ipv4>(&l3_))
+        ip->id = static_cast<std::uint16_t>(ip_id);
+    for (Ipv6Ext& e : ext_) {
+        if (e.type == kExtFragment)
+            e.frag_id = ip_id;
+    }
+    return *this;
+}
+
 Packet& Packet::payload(Bytes data)
 {
     payload_ = std::move(data);

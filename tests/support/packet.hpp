@@ -187,6 +187,12 @@ public:
     // `proto` and whatever payload() gives follows.
     Packet& raw_l4(std::uint8_t proto);
 
+    // Makes the packet its own flow for connection and fragment tracking:
+    // `port` becomes the TCP, UDP or SCTP source port or the ICMP echo id
+    // (echo request and reply only), `ip_id` the IPv4 id and the id of any
+    // IPv6 fragment header.
+    Packet& flow_ids(std::uint16_t port, std::uint32_t ip_id);
+
     Packet& payload(Bytes data);
     Packet& payload(std::size_t size, std::uint8_t fill);
 
