@@ -222,8 +222,20 @@ static __always_inline int bh_parse_l4(void *l4, void *data_end, __u32 l4_len, _
 
 	if ((void *)(ports + 1) > data_end)
 		return BH_PARSE_MALFORMED;
-	if (pkt->proto == IPPROTO_TCP && (((__u8 *)l4)[12] >> 4) < 5)
-		return BH_PARSE_MALFORMED; /* data offset below the fixed header */
+	if (pkt->proto == IPPROTO_TCP) {
+		__u32 header = (((__u8 *)l4)[12] >> 4) * 4;
+
+		/* below the fixed header, or longer than the segment */
+		if (header < 20 || header > l4_len)
+			return BH_PARSE_MALFORMED;
+	}
+	if (pkt->proto == IPPROTO_UDP) {
+		__u32 length = bpf_ntohs(((__be16 *)l4)[2]);
+
+		/* a first fragment carries only part of the datagram it measures */
+		if (length < 8 || (!pkt->frag_first && length > l4_len))
+			return BH_PARSE_MALFORMED;
+	}
 	pkt->port = ports->dest;
 	pkt->sport = ports->source;
 	if (pkt->proto == IPPROTO_TCP)

@@ -345,7 +345,8 @@ enum bh_ct_result {
 };
 
 static __always_inline int bh_ct_lookup_dir(const struct bh_gen_view *view,
-					    const struct bh_pkt *pkt, int reply, __u64 now)
+					    const struct bh_pkt *pkt, int reply, __u64 now,
+					    __u32 *rule_id)
 {
 	struct bh_ct_key key;
 	struct bh_ct_value *ct;
@@ -363,17 +364,22 @@ static __always_inline int bh_ct_lookup_dir(const struct bh_gen_view *view,
 		return BH_CT_REVOKED;
 	}
 	bh_ct_refresh(ct, pkt, reply, now);
+	*rule_id = ct->rule_id;
 	return BH_CT_PASS;
 }
 
-static __always_inline int bh_ct_lookup(const struct bh_gen_view *view, const struct bh_pkt *pkt)
+/* Looks the packet up as its flow's opening direction, then as its reply.
+ * On BH_CT_PASS, *rule_id is the rule that allowed the flow: a rule's
+ * counters count every packet of the flows it let in, both ways. */
+static __always_inline int bh_ct_lookup(const struct bh_gen_view *view, const struct bh_pkt *pkt,
+					__u32 *rule_id)
 {
 	__u64 now = bpf_ktime_get_ns();
-	int result = bh_ct_lookup_dir(view, pkt, 0, now);
+	int result = bh_ct_lookup_dir(view, pkt, 0, now, rule_id);
 
 	if (result != BH_CT_NEW)
 		return result;
-	return bh_ct_lookup_dir(view, pkt, 1, now);
+	return bh_ct_lookup_dir(view, pkt, 1, now, rule_id);
 }
 
 /* An ICMP error is related to a tracked flow if the packet it quotes is one
@@ -449,7 +455,7 @@ static __always_inline void bh_judge(const struct bh_gen_view *view, const struc
 		return;
 	}
 	if (bh_trackable(pkt)) {
-		int ct = bh_ct_lookup(view, pkt);
+		int ct = bh_ct_lookup(view, pkt, &d->rule_id);
 
 		if (ct == BH_CT_PASS) {
 			d->pass = 1;
