@@ -57,19 +57,29 @@ private:
     std::map<int, std::unordered_map<KeyBytes<16>, V, KeyHash>, std::greater<>> by_len_;
 };
 
-// Gives `key` its number from `table`, or the next free one from `first` on.
-std::uint32_t allocate(std::map<std::string, std::uint32_t>& table, const std::string& key,
-                       std::uint32_t first)
-{
-    if (auto it = table.find(key); it != table.end())
-        return it->second;
+// Gives each key its number from `table`, or the next unused one from
+// `first` on. Numbers are never reused while the table remembers them.
+class IdAllocator {
+public:
+    IdAllocator(std::map<std::string, std::uint32_t>& table, std::uint32_t first)
+        : table_(table), next_(first)
+    {
+        for (const auto& [name, id] : table_)
+            next_ = std::max(next_, id + 1);
+    }
 
-    std::uint32_t next = first;
-    for (const auto& [name, id] : table)
-        next = std::max(next, id + 1);
-    table.emplace(key, next);
-    return next;
-}
+    std::uint32_t operator()(const std::string& key)
+    {
+        auto [it, inserted] = table_.try_emplace(key, next_);
+        if (inserted)
+            ++next_;
+        return it->second;
+    }
+
+private:
+    std::map<std::string, std::uint32_t>& table_;
+    std::uint32_t next_;
+};
 
 // Rule counters are a fixed array: a rule keeps its index while it exists,
 // and a new rule takes the lowest free one.
@@ -135,7 +145,11 @@ bh_identity_info identity_info(const DatapathIdentity& d)
 class IdentityBuilder {
 public:
     IdentityBuilder(const Policy& policy, Allocations& alloc, Compiled& out)
-        : policy_(policy), alloc_(alloc), out_(out)
+        : policy_(policy),
+          alloc_(alloc),
+          out_(out),
+          workload_id_(alloc.workloads, BH_ID_FIRST_WORKLOAD),
+          class_id_(alloc.classes, BH_ID_FIRST_CLASS)
     {
     }
 
@@ -156,8 +170,7 @@ private:
         add_reserved(BH_ID_HOST, kHost);
         for (std::size_t i = 0; i < policy_.identities.size(); ++i) {
             const Identity& ident = policy_.identities[i];
-            std::uint32_t id =
-                allocate(alloc_.workloads, format_labels(ident.labels), BH_ID_FIRST_WORKLOAD);
+            std::uint32_t id = workload_id_(format_labels(ident.labels));
             workload_ids_.push_back(id);
             out_.identities[id] = DatapathIdentity{id, id, static_cast<int>(i), {},
                                                    ident.ingress, ident.egress};
@@ -249,7 +262,7 @@ private:
             return out_.identities.at(base);
 
         std::string key = class_key(base, cidrs);
-        std::uint32_t id = allocate(alloc_.classes, key, BH_ID_FIRST_CLASS);
+        std::uint32_t id = class_id_(key);
         used_classes_.insert(key);
         auto [it, inserted] = out_.identities.try_emplace(id, out_.identities.at(base));
         if (inserted) {
@@ -268,6 +281,8 @@ private:
     const Policy& policy_;
     Allocations& alloc_;
     Compiled& out_;
+    IdAllocator workload_id_;
+    IdAllocator class_id_;
     std::vector<std::uint32_t> workload_ids_;
     PrefixIndex<int> workloads_;
     PrefixIndex<bool> selector_cidrs_;
@@ -275,39 +290,97 @@ private:
     std::set<std::string> used_classes_;
 };
 
-bool term_matches(const SelectorTerm& term, const DatapathIdentity& d, const Policy& policy)
-{
-    switch (term.kind) {
-    case SelectorTerm::Kind::any:
-        return true;
-    case SelectorTerm::Kind::cidr:
-        return std::binary_search(d.cidrs.begin(), d.cidrs.end(), term.cidr);
-    default: {
-        const Labels* labels =
-            d.workload >= 0 ? &policy.identities[static_cast<std::size_t>(d.workload)].labels
-                            : nullptr;
-        return term_matches_labels(term, Subject{d.workload_id, labels});
-    }
-    }
-}
-
 bool has_any_term(const Selector& sel)
 {
     return std::any_of(sel.terms.begin(), sel.terms.end(),
                        [](const SelectorTerm& t) { return t.kind == SelectorTerm::Kind::any; });
 }
 
-std::vector<std::uint32_t> matching_identities(const Selector& sel, const Compiled& out,
-                                               const Policy& policy)
-{
-    std::vector<std::uint32_t> ids;
-    for (const auto& [id, d] : out.identities) {
-        if (std::any_of(sel.terms.begin(), sel.terms.end(),
-                        [&](const SelectorTerm& t) { return term_matches(t, d, policy); }))
-            ids.push_back(id);
+// Which datapath identities a selector matches, without scanning every
+// identity for every rule: identities are indexed by each label of their
+// workload, by reserved identity and by each selector CIDR they carry.
+class SelectorIndex {
+public:
+    SelectorIndex(const Compiled& out, const Policy& policy) : out_(out), policy_(policy)
+    {
+        for (const auto& [id, d] : out.identities) {
+            all_.push_back(id);
+            if (d.workload >= 0)
+                for (const auto& label : labels_of(d))
+                    by_label_[label].push_back(id);
+            else
+                by_reserved_[d.workload_id].push_back(id);
+            for (const Prefix& c : d.cidrs)
+                by_cidr_[c].push_back(id);
+        }
     }
-    return ids;
-}
+
+    // Sorted datapath ids.
+    std::vector<std::uint32_t> matching(const Selector& sel) const
+    {
+        std::vector<std::uint32_t> ids;
+        for (const SelectorTerm& term : sel.terms)
+            add_matches(term, ids);
+        std::sort(ids.begin(), ids.end());
+        ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+        return ids;
+    }
+
+private:
+    const Labels& labels_of(const DatapathIdentity& d) const
+    {
+        return policy_.identities[static_cast<std::size_t>(d.workload)].labels;
+    }
+
+    void add_matches(const SelectorTerm& term, std::vector<std::uint32_t>& ids) const
+    {
+        using Kind = SelectorTerm::Kind;
+        auto append = [&](const auto& index, const auto& key) {
+            if (auto it = index.find(key); it != index.end())
+                ids.insert(ids.end(), it->second.begin(), it->second.end());
+        };
+        switch (term.kind) {
+        case Kind::any:
+            ids.insert(ids.end(), all_.begin(), all_.end());
+            return;
+        case Kind::world:
+            append(by_reserved_, std::uint32_t{BH_ID_WORLD});
+            return;
+        case Kind::host:
+            append(by_reserved_, std::uint32_t{BH_ID_HOST});
+            return;
+        case Kind::cidr:
+            append(by_cidr_, term.cidr);
+            return;
+        case Kind::labels:
+            break;
+        }
+        // candidates carry the first key with one of its values; the whole
+        // term is then checked on them alone
+        std::vector<std::uint32_t> candidates;
+        if (term.match.empty()) {
+            candidates = all_;
+        } else {
+            const auto& [key, values] = *term.match.begin();
+            for (const std::string& value : values)
+                if (auto it = by_label_.find({key, value}); it != by_label_.end())
+                    candidates.insert(candidates.end(), it->second.begin(), it->second.end());
+        }
+        for (std::uint32_t id : candidates) {
+            const DatapathIdentity& d = out_.identities.at(id);
+            const Labels* labels = d.workload >= 0 ? &labels_of(d) : nullptr;
+            if (term_matches_labels(term, Subject{d.workload_id, labels}))
+                ids.push_back(id);
+        }
+    }
+
+    const Compiled& out_;
+    const Policy& policy_;
+    std::vector<std::uint32_t> all_;
+    std::map<std::pair<std::string, std::string>, std::vector<std::uint32_t>> by_label_;
+    std::map<std::uint32_t, std::vector<std::uint32_t>> by_reserved_;
+    std::map<Prefix, std::vector<std::uint32_t>> by_cidr_;
+};
 
 // A block of the 32-bit space {protocol, pad, port}: `len` leading bits fixed.
 struct Block {
@@ -406,6 +479,7 @@ void compile_rules(const Policy& policy, Compiled& out)
     // destination -> source (BH_ID_ANY for any) -> rules, in file order
     std::map<std::uint32_t, std::map<std::uint32_t, std::vector<std::size_t>>> sets;
     std::vector<std::vector<Block>> rule_blocks;
+    const SelectorIndex index(out, policy);
 
     for (std::size_t r = 0; r < policy.rules.size(); ++r) {
         const Rule& rule = policy.rules[r];
@@ -413,8 +487,8 @@ void compile_rules(const Policy& policy, Compiled& out)
 
         std::vector<std::uint32_t> srcs{BH_ID_ANY};
         if (!has_any_term(rule.from))
-            srcs = matching_identities(rule.from, out, policy);
-        for (std::uint32_t dst : matching_identities(rule.to, out, policy))
+            srcs = index.matching(rule.from);
+        for (std::uint32_t dst : index.matching(rule.to))
             for (std::uint32_t src : srcs)
                 sets[dst][src].push_back(r);
     }
