@@ -88,6 +88,29 @@ Mode enforcing_mode(const Policy& policy, Direction direction, const Endpoint& s
                              : policy.default_egress;
 }
 
+// Failsafe: a host port that stays reachable from the management prefixes
+// whatever the rules say, so that a wrong policy cannot lock the operator
+// out. Only at ingress points, only for ports: `any` means every port of
+// TCP, UDP and SCTP.
+bool failsafe_opens(const Policy& policy, const Flow& flow, Direction direction,
+                    const Endpoint& src, const Endpoint& dst)
+{
+    const Failsafe& failsafe = policy.failsafe;
+    if (!failsafe.enabled || direction != Direction::ingress || dst.identity != host_index ||
+        !flow.has_port)
+        return false;
+
+    bool port = std::any_of(failsafe.ports.begin(), failsafe.ports.end(), [&](const PortSpec& spec) {
+        if (spec.proto == PortSpec::Proto::any)
+            return flow.proto == 6 || flow.proto == 17 || flow.proto == 132;
+        return port_matches(spec, flow);
+    });
+    // Prefix::contains keeps IPv4 out of IPv6 prefixes shorter than /96
+    bool from = std::any_of(failsafe.from.begin(), failsafe.from.end(),
+                            [&](const Prefix& prefix) { return prefix.contains(src.addr); });
+    return port && from;
+}
+
 // A deny, explicit or default, becomes a counted pass in audit mode.
 Verdict refuse(Mode mode, Reason reason, std::optional<std::string> rule)
 {
@@ -128,7 +151,8 @@ Verdict reference_verdict(const Policy& policy, const Flow& flow, Direction dire
     Endpoint dst{flow.dst, reference_identity_of(policy, flow.dst, host_addrs)};
     Mode mode = enforcing_mode(policy, direction, src, dst);
 
-    // Failsafe ports are not part of this evaluator yet.
+    if (failsafe_opens(policy, flow, direction, src, dst))
+        return Verdict{VerdictKind::allow, Reason::failsafe, std::nullopt, 0, 0};
     if (const Rule* deny = first_match(policy, Action::deny, flow, src, dst))
         return refuse(mode, Reason::rule, deny->name);
     if (flow.neighbour_discovery)
@@ -139,6 +163,198 @@ Verdict reference_verdict(const Policy& policy, const Flow& flow, Direction dire
     if (mode == Mode::allow)
         return Verdict{VerdictKind::allow, Reason::default_mode, std::nullopt, 0, 0};
     return refuse(mode, Reason::default_mode, std::nullopt);
+}
+
+// ---------------------------------------------------------------------------
+// Connection tracking
+// ---------------------------------------------------------------------------
+
+namespace {
+
+constexpr std::uint8_t kIcmp = 1;
+constexpr std::uint8_t kTcp = 6;
+constexpr std::uint8_t kIcmpv6 = 58;
+constexpr std::uint8_t kTcpSyn = 0x02;
+constexpr std::uint8_t kTcpAck = 0x10;
+
+bool is_icmp(std::uint8_t proto)
+{
+    return proto == kIcmp || proto == kIcmpv6;
+}
+
+// Echo request and reply, by type (the high byte of Flow::port).
+bool is_echo_request(const Flow& flow)
+{
+    std::uint8_t type = static_cast<std::uint8_t>(flow.port >> 8);
+    return flow.proto == kIcmp ? type == 8 : type == 128;
+}
+
+bool is_echo_reply(const Flow& flow)
+{
+    std::uint8_t type = static_cast<std::uint8_t>(flow.port >> 8);
+    return flow.proto == kIcmp ? type == 0 : type == 129;
+}
+
+Verdict tracked_verdict(std::optional<std::string> rule)
+{
+    return Verdict{VerdictKind::allow, Reason::tracked, std::move(rule), 0, 0};
+}
+
+}  // namespace
+
+ReferenceTracker::ReferenceTracker(std::vector<Prefix> host_addrs)
+    : host_addrs_(std::move(host_addrs))
+{
+}
+
+void ReferenceTracker::commit(const Policy& policy)
+{
+    policy_ = policy;
+    generation_++;
+}
+
+void ReferenceTracker::forget()
+{
+    flows_.clear();
+    trains_.clear();
+}
+
+bool ReferenceTracker::trackable(const TrackedPacket& packet)
+{
+    const Flow& flow = packet.flow;
+    if (!flow.has_port || flow.neighbour_discovery)
+        return false;
+    if (is_icmp(flow.proto))
+        return is_echo_request(flow) || is_echo_reply(flow);
+    return true;
+}
+
+// The tuple of the packet's own direction, or reversed. ICMP echo has the id
+// in both ports, so a request and its reply have mirror tuples.
+ReferenceTracker::Tuple ReferenceTracker::tuple_of(const TrackedPacket& packet, bool reverse)
+{
+    const Flow& flow = packet.flow;
+    Tuple t{reverse ? flow.dst : flow.src, reverse ? flow.src : flow.dst, flow.proto, 0, 0};
+    if (is_icmp(flow.proto)) {
+        t.sport = packet.sport;
+        t.dport = packet.sport;
+    } else {
+        t.sport = reverse ? flow.port : packet.sport;
+        t.dport = reverse ? packet.sport : flow.port;
+    }
+    return t;
+}
+
+// Finds the packet's tracked flow (as its opening direction at the same kind
+// of point, else as its reply at any point) and re-checks it when it was
+// allowed by an older generation. With `update`, a flow that passes the
+// re-check is marked current and a revoked one forgotten.
+ReferenceTracker::Lookup ReferenceTracker::lookup_flow(const TrackedPacket& packet,
+                                                       Direction direction, bool update,
+                                                       std::optional<std::string>* rule)
+{
+    for (bool reply : {false, true}) {
+        auto it = flows_.find(tuple_of(packet, reply));
+        if (it == flows_.end() || (!reply && it->second.direction != direction))
+            continue;
+
+        TrackedFlow& tracked = it->second;
+        if (tracked.generation != generation_) {
+            // judge the flow again as it opened: its opening direction, at its opening point
+            Flow opening = packet.flow;
+            if (reply) {
+                opening.src = packet.flow.dst;
+                opening.dst = packet.flow.src;
+                opening.port = packet.sport;
+                if (is_icmp(opening.proto))
+                    opening.port = opening.proto == kIcmp ? 8 << 8 : 128 << 8;
+            }
+            if (!reference_verdict(*policy_, opening, tracked.direction, host_addrs_).passes()) {
+                if (update)
+                    flows_.erase(it);
+                return Lookup::revoked;
+            }
+            if (update)
+                tracked.generation = generation_;
+        }
+        if (rule != nullptr)
+            *rule = tracked.rule;
+        return Lookup::pass;
+    }
+    return Lookup::none;
+}
+
+// Steps 2 to 4 of judge(). With `update`, the state changes as the packet
+// says (flows re-checked, revoked, opened); without, nothing changes.
+TrackedVerdict ReferenceTracker::decide(const TrackedPacket& packet, Direction direction,
+                                        bool update)
+{
+    TrackedVerdict out;
+    const Flow& flow = packet.flow;
+
+    // 2. an error about a tracked flow
+    if (packet.quoted) {
+        const TrackedPacket::Quote& q = *packet.quoted;
+        bool related = flows_.count(Tuple{q.src, q.dst, q.proto, q.sport, q.dport}) != 0 ||
+                       flows_.count(Tuple{q.dst, q.src, q.proto, q.dport, q.sport}) != 0;
+        if (related) {
+            out.verdict = tracked_verdict(std::nullopt);
+            return out;
+        }
+    }
+
+    // 3. a packet of a tracked flow
+    bool can_track = trackable(packet);
+    if (can_track) {
+        std::optional<std::string> rule;
+        Lookup found = lookup_flow(packet, direction, update, &rule);
+        if (found == Lookup::pass) {
+            out.verdict = tracked_verdict(std::move(rule));
+            return out;
+        }
+        out.revoked = found == Lookup::revoked;
+        bool opening_syn = (packet.tcp_flags & (kTcpSyn | kTcpAck)) == kTcpSyn;
+        out.ct_miss = found == Lookup::none && flow.proto == kTcp && !opening_syn;
+    }
+
+    // 4. policy; a flow that passes is tracked from now on
+    out.verdict = reference_verdict(*policy_, flow, direction, host_addrs_);
+    bool opens = can_track && !(is_icmp(flow.proto) && is_echo_reply(flow));
+    if (update && opens && out.verdict.passes())
+        flows_[tuple_of(packet, false)] = TrackedFlow{generation_, direction, out.verdict.rule};
+    return out;
+}
+
+TrackedVerdict ReferenceTracker::judge(const TrackedPacket& packet, Direction direction)
+{
+    if (!policy_) {
+        TrackedVerdict out;
+        out.verdict = Verdict{VerdictKind::allow, Reason::not_policed, std::nullopt, 0, 0};
+        return out;
+    }
+    const Flow& flow = packet.flow;
+
+    // 1. a later fragment follows its first fragment, if that would still pass
+    if (!flow.has_port) {
+        auto it = trains_.find(TrainKey{flow.src, flow.dst, flow.proto, packet.frag_id});
+        if (it != trains_.end()) {
+            Train& train = it->second;
+            if (train.generation == generation_ ||
+                decide(train.first, train.direction, false).verdict.passes()) {
+                train.generation = generation_;
+                TrackedVerdict out;
+                out.verdict = tracked_verdict(std::nullopt);
+                return out;
+            }
+        }
+    }
+
+    // a first fragment that passes, for whatever reason, starts a train
+    TrackedVerdict out = decide(packet, direction, true);
+    if (packet.first_fragment && out.verdict.passes())
+        trains_[TrainKey{flow.src, flow.dst, flow.proto, packet.frag_id}] =
+            Train{generation_, direction, packet};
+    return out;
 }
 
 }  // namespace bulkhead

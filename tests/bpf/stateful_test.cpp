@@ -404,7 +404,7 @@ protected:
         SCOPED_TRACE(fmt::format("case '{}' at {}: {}", step.description, hook_name(step.hook),
                                  step.packet.describe()));
         Outcome out = send(step);
-        EXPECT_EQ(out.pass ? "pass" : "drop", step.pass ? "pass" : "drop");
+        EXPECT_EQ(std::string(out.pass ? "pass" : "drop"), std::string(step.pass ? "pass" : "drop"));
         EXPECT_EQ(out.reason, step.reason);
         EXPECT_EQ(out.rule, step.rule);
         EXPECT_EQ(out.side, step.side);
@@ -1063,8 +1063,9 @@ TEST_F(StatefulFieldCase, ReplyWhoseEntryWasEvicted)
     // the other branch, made certain: a second long-lived flow whose entry
     // is removed as the LRU would remove it
     key.sport = htons(1001);
-    if (bpf_map_delete_elem(dp().map_fd("bh_ct"), &key) != 0)
+    if (bpf_map_delete_elem(dp().map_fd("bh_ct"), &key) != 0) {
         ASSERT_EQ(errno, ENOENT) << "remove the second long-lived flow's entry";
+    }
     expect_all({
         {"the reply of a flow whose entry is gone: dropped, a tracking miss", kXdp,
          tcp(kWeb4, 443, kClient4, 1001, kTcpAck), kDrop, "deny-default", "", "ct-miss"},
@@ -1140,6 +1141,34 @@ TEST_F(StatefulTest, FailsafeKeepsHostPortsOpenToManagementPrefixes)
          kPass, "failsafe"},
         {"from 0.0.0.0/0 only: IPv6 source", kXdp, tcp(kClient6, 49014, kHost6, 22, kTcpSyn),
          kDrop, "deny-rule", "deny-all"},
+    });
+}
+
+// The failsafe is about the destination being this machine, whatever else
+// selects its address: a rule that names the host's address by CIDR (which
+// makes the compiler give the address a narrower datapath class) must not
+// close it.
+TEST_F(StatefulTest, FailsafeHoldsWhenARuleNamesTheHostAddressByCidr)
+{
+    const std::string mgmt = "{ports: [tcp/22], from: [203.0.113.0/28, \"2001:db8:1::/64\"]}";
+    apply(policy({"{name: deny-net, from: any, to: [{cidr: 198.51.100.0/24}, "
+                  "{cidr: \"2001:db8::/64\"}], ports: [any], action: deny}"},
+                 mgmt));
+    expect_all({
+        {"tcp/22 to host from the management prefix", kXdp,
+         tcp(kClient4, 49100, kHost4, 22, kTcpSyn), kPass, "failsafe"},
+        {"IPv6 tcp/22 to host from the management prefix", kXdp,
+         tcp(kClient6, 49100, kHost6, 22, kTcpSyn), kPass, "failsafe"},
+        {"from outside the management prefix", kXdp,
+         tcp(kClientOutsideMgmt4, 49101, kHost4, 22, kTcpSyn), kDrop, "deny-rule", "deny-net"},
+    });
+
+    apply(policy({"{name: allow-web-from-net, from: {cidr: 198.51.100.0/24}, to: {app: web}, "
+                  "ports: [tcp/443], action: allow}"},
+                 mgmt));
+    expect_all({
+        {"a rule naming host's /24 as a source: tcp/22 to host still open", kXdp,
+         tcp(kClient4, 49102, kHost4, 22, kTcpSyn), kPass, "failsafe"},
     });
 }
 
