@@ -13,6 +13,8 @@
 #include "netlab.hpp"
 
 #include <chrono>
+#include <optional>
+#include <set>
 #include <ostream>
 #include <memory>
 #include <string>
@@ -123,15 +125,16 @@ protected:
         pin_.reset();
     }
 
-    // Attaches XDP to the server's veth from a thread inside its namespace.
-    Attachment attach_in_server(XdpMode mode)
+    // Runs fn() on a thread inside the server's namespace; the test's own
+    // thread never leaves the root namespace.
+    template <typename Fn>
+    auto in_server(Fn&& fn) -> decltype(fn())
     {
-        Attachment out;
+        std::optional<decltype(fn())> out;
         std::exception_ptr failure;
         std::thread worker([&] {
             try {
-                out = netlab::run_in_netns(*server_,
-                                           [&] { return dp_->attach_xdp("veth-s", mode); });
+                out = netlab::run_in_netns(*server_, fn);
             } catch (...) {
                 failure = std::current_exception();
             }
@@ -139,7 +142,13 @@ protected:
         worker.join();
         if (failure)
             std::rethrow_exception(failure);
-        return out;
+        return std::move(*out);
+    }
+
+    // Attaches XDP to the server's veth from a thread inside its namespace.
+    Attachment attach_in_server(XdpMode mode, const std::string& interface = "veth-s")
+    {
+        return in_server([&] { return dp_->attach_xdp(interface, mode); });
     }
 
     std::unique_ptr<ScopedPinDir> pin_;
@@ -161,6 +170,39 @@ TEST_P(XdpIntegration, AttachesInTheRequestedMode)
     Status status = dp_->status();
     ASSERT_EQ(status.attachments.size(), 1u);
     EXPECT_EQ(status.attachments.front().interface, "veth-s");
+}
+
+// Pin names are files in bpffs, which refuses '.' in a name; interface
+// names may hold dots ("eth0.100" is the usual name of a VLAN interface).
+TEST_P(XdpIntegration, InterfaceNamesWithDotsAttachAndDetach)
+{
+    netlab::VethPair dotted(*client_, "vc.1", *server_, "vs.1");
+    netlab::VethPair escaped(*client_, "v.c..2", *server_, "v.s..2");
+
+    Attachment a = attach_in_server(GetParam(), "vs.1");
+    Attachment b = attach_in_server(GetParam(), "v.s..2");
+    EXPECT_EQ(a.interface, "vs.1");
+    EXPECT_EQ(b.interface, "v.s..2");
+    EXPECT_NE(a.ifindex, b.ifindex);
+
+    auto names = [&] {
+        std::set<std::string> out;
+        for (const Attachment& at : dp_->status().attachments)
+            out.insert(at.interface);
+        return out;
+    };
+    EXPECT_EQ(names(), (std::set<std::string>{"veth-s", "vs.1", "v.s..2"}));
+
+    in_server([&] {
+        dp_->detach_xdp("vs.1");
+        return 0;
+    });
+    EXPECT_EQ(names(), (std::set<std::string>{"veth-s", "v.s..2"}));
+    in_server([&] {
+        dp_->detach_xdp("v.s..2");
+        return 0;
+    });
+    EXPECT_EQ(names(), (std::set<std::string>{"veth-s"}));
 }
 
 TEST_P(XdpIntegration, AllowedTcpConnectsAndDeniedTcpTimesOut)
