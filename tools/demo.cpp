@@ -1,4 +1,5 @@
-// `bulkhead demo`: a LAN of network namespaces, XDP on the servers,
+// `bulkhead demo`: a LAN of network namespaces, XDP on the servers, the
+// cgroup hooks on a process identified by its cgroup,
 // examples/demo-policy.yaml applied, real TCP, UDP and ICMP traffic, and a
 // table of expected against observed outcomes. See DESIGN.md "The demo".
 #include "cli.hpp"
@@ -8,11 +9,15 @@
 #include <bulkhead/dataplane.hpp>
 #include <bulkhead/policy.hpp>
 
+#include <fcntl.h>
 #include <fmt/format.h>
+#include <poll.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <future>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -57,7 +62,15 @@ struct DemoFlow {
     std::string expected;           // the outcome on the wire
 };
 
-const char* kPhaseNames[] = {"TCP", "UDP", "ICMP"};
+const char* kPhaseNames[] = {"TCP", "UDP", "ICMP", "cgroup"};
+constexpr int kAgentPhase = 3;
+
+// The agent's cgroup as examples/demo-policy.yaml lists it (relative to the
+// cgroup v2 mount). Each run puts its process in a child cgroup of its own
+// and attaches there, so that two demos never share an attachment; the child
+// inherits the agent identity from this, its nearest listed ancestor.
+constexpr const char* kAgentCgroup = "/bulkhead-demo/agent";
+constexpr std::uint16_t kAgentListenPort = 7000;
 
 // The flows, phase by phase. Keep in sync with examples/demo-policy.yaml.
 std::vector<DemoFlow> demo_flows() {
@@ -85,6 +98,56 @@ std::vector<DemoFlow> demo_flows() {
     };
 }
 
+// One flow of the agent: a process in frontend's namespace whose identity
+// comes from its cgroup. explain() judges addresses, and the agent shares
+// frontend's, so these rows compare outcomes only; which hook decides is in
+// the comments.
+enum class AgentKind {
+    connect,  // connect() from the agent
+    sendto,   // one unconnected UDP datagram from the agent
+    inbound,  // a connection from `peer` to a listener of the agent
+};
+
+struct AgentFlow {
+    AgentKind kind;
+    std::string peer;
+    std::uint16_t port;
+    bool v6;
+    std::string expected;
+};
+
+// Keep in sync with the agent and agent-to-db in examples/demo-policy.yaml.
+std::vector<AgentFlow> agent_flows() {
+    using K = AgentKind;
+    return {
+        // connect4/6 and cgroup_skb egress: agent-to-db; db's XDP sees
+        // frontend's address (frontend-to-db); the SYN-ACK passes the agent's
+        // enforcing ingress only because the flow is tracked
+        {K::connect, "db", 5432, false, "connected, reply tracked"},
+        {K::connect, "db", 5432, true, "connected, reply tracked"},
+        // connect4/6: no rule lets agent out there; its egress enforces.
+        // frontend, from the same namespace and address, gets through to
+        // metrics, and times out at web's XDP on 8080.
+        {K::connect, "metrics", 9100, false, "EPERM"},
+        {K::connect, "web", 8080, true, "EPERM"},
+        // sendmsg4/6: frontend-logs is frontend's, not agent's
+        {K::sendto, "db", 5000, false, "EPERM"},
+        {K::sendto, "db", 5000, true, "EPERM"},
+        // cgroup_skb ingress: nothing allows db -> agent, and this is no reply
+        {K::inbound, "db", kAgentListenPort, false, "timeout"},
+    };
+}
+
+std::string agent_flow_label(const AgentFlow& f) {
+    const char* family = f.v6 ? "IPv6" : "IPv4";
+    switch (f.kind) {
+    case AgentKind::connect: return fmt::format("agent -> {} tcp/{} {}", f.peer, f.port, family);
+    case AgentKind::sendto: return fmt::format("agent -> {} udp/{} {}", f.peer, f.port, family);
+    case AgentKind::inbound: return fmt::format("{} -> agent tcp/{} {}", f.peer, f.port, family);
+    }
+    return "?";
+}
+
 std::string flow_label(const DemoFlow& f) {
     std::string what = f.kind == Kind::tcp   ? fmt::format("tcp/{}", f.port)
                        : f.kind == Kind::udp ? fmt::format("udp/{}", f.port)
@@ -102,6 +165,7 @@ std::string verdict_label(VerdictKind kind, const std::optional<std::string>& ru
 struct Lab {
     std::filesystem::path pin_dir;
     std::uint64_t pin_cleanup = 0;
+    std::unique_ptr<nl::Cgroup> agent_cgroup;  // removed after the pinned state and its links
     std::vector<Host> hosts;
     std::unique_ptr<nl::Lan> lan;
     std::vector<std::unique_ptr<nl::TcpServer>> tcp_servers;
@@ -122,6 +186,7 @@ struct Lab {
         } catch (const std::exception& e) {
             fmt::print(stderr, "bulkhead: cannot remove the demo's pinned state: {}\n", e.what());
         }
+        agent_cgroup.reset();
     }
 
     const Host& host(const std::string& name) const {
@@ -238,6 +303,165 @@ void print_table(const std::vector<Row>& rows) {
     }
 }
 
+// Runs the flows of one phase at the same time and adds their rows; true if
+// every outcome matched.
+bool run_phase(const Lab& lab, const Dataplane& dp, const std::vector<DemoFlow>& flows,
+               int phase, std::vector<Row>& rows) {
+    std::vector<std::pair<const DemoFlow*, std::future<std::string>>> running;
+    for (const auto& f : flows) {
+        if (f.phase != phase) continue;
+        running.emplace_back(&f, std::async(std::launch::async, [&lab, &f] {
+            try {
+                return observe(lab, f);
+            } catch (const std::exception& e) {
+                return fmt::format("error: {}", e.what());
+            }
+        }));
+    }
+    fmt::print("{}: {} flows at once\n", kPhaseNames[phase], running.size());
+
+    bool ok = true;
+    for (auto& [f, future] : running) {
+        Explanation e = dp.explain(explain_flow(lab, *f));
+        Row row;
+        row.flow = flow_label(*f);
+        row.expected = fmt::format("{}: {}", verdict_label(f->verdict, f->rule), f->expected);
+        row.observed =
+            fmt::format("{}: {}", verdict_label(e.verdict.kind, e.verdict.rule), future.get());
+        row.ok = row.observed == row.expected;
+        ok = ok && row.ok;
+        rows.push_back(std::move(row));
+    }
+    return ok;
+}
+
+// The agent's cgroup: a child of kAgentCgroup made for this run.
+std::unique_ptr<nl::Cgroup> make_agent_cgroup() {
+    std::filesystem::path listed = resolve_cgroup_path(kAgentCgroup);
+    auto cgroup = std::make_unique<nl::Cgroup>(
+        "agent", std::filesystem::path(kAgentCgroup).relative_path());
+    if (cgroup->path().parent_path() != listed) {
+        throw Error(fmt::format("demo: made the agent's cgroup under {}, but the policy's {} is "
+                                "{} here; the machine has more than one cgroup v2 mount",
+                                cgroup->path().parent_path().string(), kAgentCgroup,
+                                listed.string()));
+    }
+    return cgroup;
+}
+
+// A connection from the peer to a listener the agent opened: the listener's
+// socket belongs to the agent's cgroup, so its ingress hook judges the SYN.
+std::string observe_inbound(const Lab& lab, const AgentFlow& f) {
+    const Host& frontend = lab.host("frontend");
+    const std::string& addr = frontend.addr(f.v6);
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) < 0) throw Error("demo: cannot create a pipe", errno);
+    nl::Fd ready_r(fds[0]), ready_w(fds[1]);
+
+    // the listener waits a little longer than the connection attempt
+    auto wait = kConnectTimeout + 500ms;
+    auto listener = std::async(std::launch::async, [&] {
+        return nl::run_in_cgroup(*lab.agent_cgroup, [&] {
+            return nl::tcp_accept_once(addr, f.port, ready_w.get(), wait) ? 0 : 1;
+        }, frontend.ns.get());
+    });
+    pollfd ready = {ready_r.get(), POLLIN, 0};
+    if (::poll(&ready, 1, 3000) != 1) {
+        listener.get();  // throws if the child failed
+        return "the agent's listener did not start";
+    }
+    nl::ConnectResult result = nl::tcp_connect(*lab.host(f.peer).ns, addr, f.port, kConnectTimeout);
+    bool accepted = listener.get() == 0;
+    return fmt::format("{}{}", to_string(result), accepted ? ", accepted" : "");
+}
+
+// Runs one agent flow from a child process in the agent's cgroup.
+std::string observe_agent(const Lab& lab, const AgentFlow& f) {
+    const Host& frontend = lab.host("frontend");
+    const std::string& dst = lab.host(f.peer).addr(f.v6);
+    int rc = 0;
+
+    switch (f.kind) {
+    case AgentKind::connect:
+        rc = nl::run_in_cgroup(*lab.agent_cgroup, [&] {
+            return static_cast<int>(nl::tcp_connect(*frontend.ns, dst, f.port, kConnectTimeout));
+        }, frontend.ns.get());
+        if (rc > static_cast<int>(nl::ConnectResult::unreachable)) return "error in the agent";
+        return std::string(to_string(static_cast<nl::ConnectResult>(rc)));
+    case AgentKind::sendto:
+        rc = nl::run_in_cgroup(*lab.agent_cgroup, [&] {
+            return nl::udp_send(*frontend.ns, std::nullopt, dst, f.port, 1);
+        }, frontend.ns.get());
+        return rc == 0 ? "EPERM" : rc == 1 ? "sent" : "error in the agent";
+    case AgentKind::inbound:
+        return observe_inbound(lab, f);
+    }
+    return "?";
+}
+
+// Counter changes between two readings: reasons, then rules, non-zero only.
+std::vector<std::pair<std::string, std::uint64_t>> moved(const Stats& before, const Stats& after) {
+    std::map<std::string, std::uint64_t> was;
+    for (const auto& [name, c] : before.reasons) was[name] = c.packets;
+    for (const auto& r : before.rules) was["rule " + r.name] = r.counter.packets;
+
+    std::vector<std::pair<std::string, std::uint64_t>> out;
+    auto note = [&](const std::string& name, std::uint64_t now) {
+        if (now > was[name]) out.emplace_back(name, now - was[name]);
+    };
+    for (const auto& [name, c] : after.reasons) note(name, c.packets);
+    for (const auto& r : after.rules) note("rule " + r.name, r.counter.packets);
+    return out;
+}
+
+std::uint64_t moved_by(const std::vector<std::pair<std::string, std::uint64_t>>& deltas,
+                       std::string_view name) {
+    for (const auto& [n, d] : deltas) {
+        if (n == name) return d;
+    }
+    return 0;
+}
+
+// The agent's flows, one at a time so that the counters each one moves are
+// its own; adds their rows and prints what the counters did. True if every
+// outcome matched.
+bool run_agent_phase(const Lab& lab, const Dataplane& dp, std::vector<Row>& rows) {
+    std::vector<AgentFlow> flows = agent_flows();
+    fmt::print("{}: {} flows of agent, one at a time\n", kPhaseNames[kAgentPhase], flows.size());
+
+    Stats first = dp.stats();
+    bool ok = true;
+    for (const auto& f : flows) {
+        Stats before = dp.stats();
+        std::string observed;
+        try {
+            observed = observe_agent(lab, f);
+        } catch (const std::exception& e) {
+            observed = fmt::format("error: {}", e.what());
+        }
+        // its ingress enforces and no rule lets db in: a reply got through
+        // only as tracked traffic, and the counter says so
+        if (f.kind == AgentKind::connect && observed == "connected") {
+            bool tracked = moved_by(moved(before, dp.stats()), "tracked") > 0;
+            observed += tracked ? ", reply tracked" : ", reply NOT counted as tracked";
+        }
+
+        Row row{agent_flow_label(f), f.expected, observed, observed == f.expected};
+        ok = ok && row.ok;
+        rows.push_back(std::move(row));
+    }
+
+    std::vector<std::string> reasons, rules;
+    for (const auto& [name, delta] : moved(first, dp.stats())) {
+        bool rule = name.rfind("rule ", 0) == 0;
+        (rule ? rules : reasons).push_back(fmt::format("{} +{}", rule ? name.substr(5) : name,
+                                                        delta));
+    }
+    fmt::print("  counters moved meanwhile: {}; rules: {}\n", fmt::join(reasons, ", "),
+               fmt::join(rules, ", "));
+    return ok;
+}
+
 }  // namespace
 
 int run_demo(const DemoOptions& options) {
@@ -253,10 +477,14 @@ int run_demo(const DemoOptions& options) {
     lab.pin_dir = fmt::format("/sys/fs/bpf/bulkhead-demo-{}", ::getpid());
     lab.pin_cleanup = nl::add_cleanup([dir = lab.pin_dir] { Dataplane::destroy(dir); });
 
-    fmt::print("bulkhead demo: a LAN of network namespaces, XDP on the servers\n\n");
+    fmt::print("bulkhead demo: a LAN of network namespaces, XDP on the servers, cgroup hooks "
+               "on a process\n\n");
     fmt::print("workloads:\n");
     build_lab(lab);
     start_services(lab);
+    lab.agent_cgroup = make_agent_cgroup();  // before the apply: it registers existing cgroups
+    fmt::print("  {:<9} {:<30} cgroup {} (in frontend's namespace)\n", "agent",
+               "(frontend's addresses)", lab.agent_cgroup->path().string());
 
     Options dp_options;
     dp_options.pin_dir = lab.pin_dir;
@@ -273,40 +501,19 @@ int run_demo(const DemoOptions& options) {
         Attachment a = nl::run_in_netns(*h.ns, [&] { return dp.attach_xdp(h.ifname); });
         fmt::print("attached XDP to {} in {} ({} mode)\n", a.interface, h.ns->name(), a.mode);
     }
+    Attachment hooks = dp.attach_cgroup(lab.agent_cgroup->path());
+    fmt::print("attached the cgroup hooks to {} ({}); it is agent by its ancestor {}\n",
+               hooks.interface, hooks.mode, kAgentCgroup);
     fmt::print("\n");
 
     std::vector<DemoFlow> flows = demo_flows();
     std::vector<Row> rows;
     bool all_ok = true;
-    for (int phase = 0; phase < 3; ++phase) {
-        std::vector<std::pair<const DemoFlow*, std::future<std::string>>> running;
-        for (const auto& f : flows) {
-            if (f.phase != phase) continue;
-            running.emplace_back(&f, std::async(std::launch::async, [&lab, &f] {
-                try {
-                    return observe(lab, f);
-                } catch (const std::exception& e) {
-                    return fmt::format("error: {}", e.what());
-                }
-            }));
-        }
-
-        fmt::print("{}: {} flows at once\n", kPhaseNames[phase], running.size());
-
-        bool phase_ok = true;
-        for (auto& [f, future] : running) {
-            Explanation e = dp.explain(explain_flow(lab, *f));
-            Row row;
-            row.flow = flow_label(*f);
-            row.expected = fmt::format("{}: {}", verdict_label(f->verdict, f->rule), f->expected);
-            row.observed = fmt::format("{}: {}", verdict_label(e.verdict.kind, e.verdict.rule),
-                                       future.get());
-            row.ok = row.observed == row.expected;
-            phase_ok = phase_ok && row.ok;
-            rows.push_back(std::move(row));
-        }
+    for (int phase = 0; phase <= kAgentPhase; ++phase) {
+        bool phase_ok = phase == kAgentPhase ? run_agent_phase(lab, dp, rows)
+                                             : run_phase(lab, dp, flows, phase, rows);
         all_ok = all_ok && phase_ok;
-        if (!phase_ok && !options.keep_going && phase < 2) {
+        if (!phase_ok && !options.keep_going && phase < kAgentPhase) {
             fmt::print("unexpected outcome in the {} phase; stopping (--keep-going runs every "
                        "phase)\n", kPhaseNames[phase]);
             break;
@@ -315,7 +522,10 @@ int run_demo(const DemoOptions& options) {
 
     fmt::print("\n");
     print_table(rows);
-    fmt::print("\ncounters (packets that reached XDP on web0, db0, metrics0):\n");
+    fmt::print("\nagent rows compare outcomes only: explain judges addresses, and agent has "
+               "frontend's.\n");
+    fmt::print("\ncounters (XDP on web0, db0, metrics0; the agent's cgroup hooks, connect and "
+               "sendmsg with 0 bytes):\n");
     print_stats(stdout, dp.stats(), true);
 
     auto seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started);

@@ -596,7 +596,8 @@ int cmd_status(const Options& options, bool as_json) {
                    s.policy_source, s.identities, s.rules);
     }
     fmt::print("attachments:{}\n", s.attachments.empty() ? " none" : "");
-    for (const auto& a : s.attachments) {
+    for (const auto& listed : s.attachments) {
+        Attachment a = canonical(listed);
         if (a.hook == "cgroup") {
             fmt::print("  cgroup {} ({}){}\n", a.interface, a.mode,
                        a.defunct ? fmt::format(" DEFUNCT: the cgroup is gone; run `bulkhead "

@@ -504,7 +504,7 @@ std::string_view to_string(ConnectResult result) {
     case ConnectResult::connected: return "connected";
     case ConnectResult::refused: return "refused";
     case ConnectResult::timeout: return "timeout";
-    case ConnectResult::eperm: return "eperm";
+    case ConnectResult::eperm: return "EPERM";
     case ConnectResult::unreachable: return "unreachable";
     }
     return "?";
@@ -632,6 +632,32 @@ int udp_send(const NetNs& ns, const std::optional<std::string>& src, const std::
         }
     }
     return sent;
+}
+
+bool tcp_accept_once(const std::string& addr, std::uint16_t port, int ready_fd,
+                     std::chrono::milliseconds timeout) {
+    SockAddr sa = make_sockaddr(addr, port);
+    Fd listener = open_socket(sa.family(), SOCK_STREAM);
+    int one = 1;
+    ::setsockopt(listener.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+
+    std::string what = fmt::format("TCP {} port {}", addr, port);
+    bind_to(listener, sa, what);
+    if (::listen(listener.get(), 8) < 0) {
+        fail_errno(fmt::format("cannot listen on {}", what), errno);
+    }
+    if (::write(ready_fd, "r", 1) != 1) {
+        fail_errno("cannot report that the listener is ready", errno);
+    }
+
+    pollfd p = {listener.get(), POLLIN, 0};
+    int n;
+    do {
+        n = ::poll(&p, 1, static_cast<int>(timeout.count()));
+    } while (n < 0 && errno == EINTR);
+    if (n <= 0) return false;
+    Fd accepted(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    return static_cast<bool>(accepted);
 }
 
 bool ping(const NetNs& ns, const std::string& dst, std::chrono::milliseconds timeout) {

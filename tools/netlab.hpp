@@ -281,6 +281,13 @@ private:
 int udp_send(const NetNs& ns, const std::optional<std::string>& src, const std::string& dst,
              std::uint16_t port, int count = 1, std::string_view payload = "bulkhead");
 
+// For a child of run_in_cgroup(), whose socket must be made inside the
+// cgroup: listens on addr:port in the calling thread's network namespace,
+// writes one byte to `ready_fd` once it listens, and waits at most `timeout`
+// for a connection. True if one was accepted.
+bool tcp_accept_once(const std::string& addr, std::uint16_t port, int ready_fd,
+                     std::chrono::milliseconds timeout);
+
 // One ICMP or ICMPv6 echo from inside `ns` to `dst` with `ping -n -q -c1`
 // (fork, setns, exec): true if the reply arrived within `timeout` (rounded
 // up to whole seconds, at least one).

@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <regex>
 #include <string>
@@ -67,7 +68,7 @@ private:
 TEST(Cli, ValidateGoodFilePrintsCounts) {
     auto r = cli({"policy", "validate", kDemoPolicy});
     EXPECT_EQ(r.exit_code, 0) << r.err;
-    EXPECT_EQ(r.out, kDemoPolicy + ": valid (5 identities, 6 rules)\n");
+    EXPECT_EQ(r.out, kDemoPolicy + ": valid (6 identities, 7 rules)\n");
 }
 
 TEST(Cli, ValidateBadFileNamesFileLineAndColumn) {
@@ -176,7 +177,7 @@ TEST_F(CliRoot, ReadingCommandsCreateNoStateWhereThereIsNone) {
     }
     auto diff = cli(pinned({"policy", "diff", kDemoPolicy}));
     EXPECT_EQ(diff.exit_code, 0) << diff.err;
-    EXPECT_THAT(diff.out, HasSubstr("identities: 5 added"));
+    EXPECT_THAT(diff.out, HasSubstr("identities: 6 added"));
     EXPECT_FALSE(std::filesystem::exists(pins_.path()));
 }
 
@@ -196,8 +197,8 @@ TEST_F(CliRoot, ApplyStatusStatsExplainDiffAsJson) {
     json s = parse_json(status);
     EXPECT_EQ(s.value("pin_dir", ""), pins_.path().string());
     EXPECT_EQ(s.value("generation", 0), 1);
-    EXPECT_EQ(s.value("identities", 0), 5);
-    EXPECT_EQ(s.value("rules", 0), 6);
+    EXPECT_EQ(s.value("identities", 0), 6);
+    EXPECT_EQ(s.value("rules", 0), 7);
     EXPECT_EQ(s.value("policy_source", ""), kDemoPolicy);
     EXPECT_TRUE(s["attachments"].is_array());
     EXPECT_FALSE(s["maps"].empty());
@@ -205,14 +206,17 @@ TEST_F(CliRoot, ApplyStatusStatsExplainDiffAsJson) {
     auto stats = cli(pinned({"stats", "--json"}));
     ASSERT_EQ(stats.exit_code, 0) << stats.err;
     json st = parse_json(stats);
-    for (const char* reason : {"allow-rule", "deny-rule", "audit-default", "malformed"}) {
+    for (const char* reason : {"allow-rule", "deny-rule", "audit-default", "malformed", "tracked",
+                               "failsafe", "ct-miss", "revoked"}) {
         EXPECT_TRUE(st["reasons"].contains(reason)) << reason;
     }
-    ASSERT_EQ(st["rules"].size(), 6u);
+    ASSERT_EQ(st["rules"].size(), 7u);
     EXPECT_EQ(st["rules"][0].value("name", ""), "partner-no-db");
     EXPECT_EQ(st["rules"][0].value("action", ""), "deny");
     EXPECT_TRUE(st["rules"][0].contains("packets"));
-    EXPECT_FALSE(st["maps"].empty());
+    bool has_ct = std::any_of(st["maps"].begin(), st["maps"].end(),
+                              [](const json& m) { return m.value("name", "") == "bh_ct"; });
+    EXPECT_TRUE(has_ct) << st["maps"].dump();
 
     // An explicit deny rule decides.
     auto deny = cli(pinned({"explain", "--json", "--from", "203.0.113.30", "--to",
@@ -316,10 +320,102 @@ TEST_F(CliRoot, AttachStatusDetachInANamespace) {
     EXPECT_EQ(all.out, "detached 1 link\n");
 }
 
+// The max_entries of one map as `status --json` reports it; 0 if absent.
+std::uint64_t max_entries(const json& status, const std::string& map) {
+    for (const auto& m : status["maps"]) {
+        if (m.value("name", "") == map) return m.value("max_entries", std::uint64_t{0});
+    }
+    return 0;
+}
+
+TEST_F(CliRoot, TableSizesFromApplyAndAWarningWhenFixed) {
+    auto first = cli(pinned({"policy", "apply", "--max-connections", "1024", "--max-cgroups",
+                             "512", kDemoPolicy}));
+    ASSERT_EQ(first.exit_code, 0) << first.err;
+    EXPECT_THAT(first.err, ::testing::Not(HasSubstr("ignored")));
+    json s = parse_json(cli(pinned({"status", "--json"})));
+    EXPECT_EQ(max_entries(s, "bh_ct"), 1024u);
+    EXPECT_EQ(max_entries(s, "bh_cgroups"), 512u);
+
+    // The tracking table is sized once, with the state: say so, apply anyway.
+    auto again = cli(pinned({"policy", "apply", "--max-connections", "2048", kDemoPolicy}));
+    EXPECT_EQ(again.exit_code, 0) << again.err;
+    EXPECT_THAT(again.err, HasSubstr("--max-connections 2048 ignored: bh_ct was created with "
+                                     "1024 entries"));
+}
+
+TEST_F(CliRoot, AttachStatusDetachCgroup) {
+    netlab::Cgroup cgroup("cli-cg");
+    const std::string path = cgroup.path().string();
+    const std::string relative =
+        "/" + cgroup.path().lexically_relative(netlab::cgroup2_mount()).string();
+
+    auto attach = cli(pinned({"attach", "cgroup", path, "--json"}));
+    ASSERT_EQ(attach.exit_code, 0) << attach.err;
+    json at = parse_json(attach);
+    EXPECT_EQ(at.value("hook", ""), "cgroup");
+    EXPECT_EQ(at.value("interface", ""), path);
+    EXPECT_EQ(at.value("mode", ""), "ingress,egress,connect4,connect6,sendmsg4,sendmsg6");
+    EXPECT_THAT(attach.err, HasSubstr("no identity of the policy in force lists " + path));
+
+    // Again, by the path relative to the cgroup v2 mount: the same links,
+    // one program per hook. With a policy that lists the cgroup, it says whose.
+    TempFile listed("cg", fmt::format("apiVersion: bulkhead/v1\n"
+                                      "identities:\n"
+                                      "  - {{name: probe, labels: {{app: probe}},"
+                                      " cgroups: [{}]}}\n",
+                                      relative));
+    ASSERT_EQ(cli(pinned({"policy", "apply", listed.path()})).exit_code, 0);
+    auto again = cli(pinned({"attach", "cgroup", relative}));
+    ASSERT_EQ(again.exit_code, 0) << again.err;
+    EXPECT_EQ(again.out, fmt::format("attached to cgroup {} (ingress,egress,connect4,connect6,"
+                                     "sendmsg4,sendmsg6; identity probe)\n", path));
+    EXPECT_EQ(again.err, "");
+
+    auto status = cli(pinned({"status", "--json"}));
+    ASSERT_EQ(status.exit_code, 0) << status.err;
+    json s = parse_json(status);
+    ASSERT_EQ(s["attachments"].size(), 1u) << s["attachments"].dump();
+    EXPECT_EQ(s["attachments"][0].value("hook", ""), "cgroup");
+    EXPECT_EQ(s["attachments"][0].value("interface", ""), path);
+    EXPECT_EQ(s["attachments"][0].value("defunct", true), false);
+    EXPECT_THAT(cli(pinned({"status"})).out,
+                HasSubstr(fmt::format("  cgroup {} (ingress,egress,connect4,connect6,sendmsg4,"
+                                      "sendmsg6)\n", path)));
+
+    auto detach = cli(pinned({"detach", "cgroup", relative}));
+    EXPECT_EQ(detach.exit_code, 0) << detach.err;
+    EXPECT_EQ(detach.out, "detached from cgroup " + path + "\n");
+    EXPECT_TRUE(parse_json(cli(pinned({"status", "--json"})))["attachments"].empty());
+
+    // Nothing attached there any more: an error that says so and where to look.
+    auto none = cli(pinned({"detach", "cgroup", path}));
+    EXPECT_EQ(none.exit_code, 1);
+    EXPECT_EQ(none.out, "");
+    EXPECT_EQ(none.err, fmt::format("bulkhead: cannot detach from cgroup '{}': bulkhead has no "
+                                    "links there; see `bulkhead status`\n", path));
+}
+
+TEST_F(CliRoot, AttachCgroupThatDoesNotExistFails) {
+    const std::string missing = (netlab::cgroup2_mount() / "bulkhead-netlab" /
+                                 fmt::format("bh-{}-no-such-cgroup", getpid())).string();
+    auto r = cli(pinned({"attach", "cgroup", missing}));
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_EQ(r.out, "");
+    EXPECT_THAT(r.err, StartsWith("bulkhead: cannot attach to cgroup '" + missing + "'"));
+    EXPECT_THAT(r.err, HasSubstr("create the cgroup first"));
+
+    auto usage = cli(pinned({"attach", "cgroup"}));
+    EXPECT_EQ(usage.exit_code, 2);
+}
+
 TEST_F(CliRoot, DemoRunsCleanAndExitsZero) {
     auto r = cli({"demo"});
     EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
-    EXPECT_THAT(r.out, HasSubstr("all 17 flows behaved as the policy says"));
+    EXPECT_THAT(r.out, HasSubstr("all 24 flows behaved as the policy says"));
+    // The process identified by its cgroup: EPERM at once, replies tracked.
+    EXPECT_THAT(r.out, HasSubstr("agent -> metrics tcp/9100 IPv4    | EPERM"));
+    EXPECT_THAT(r.out, HasSubstr("| connected, reply tracked                  | yes"));
 
     // It removed what it made: the namespaces and the pin directory it named.
     std::smatch m;
@@ -332,6 +428,8 @@ TEST_F(CliRoot, DemoRunsCleanAndExitsZero) {
     }
     EXPECT_EQ(namespaces, 5);
     ASSERT_TRUE(std::regex_search(r.out, m, std::regex(R"(pinned under (\S+))")));
+    EXPECT_FALSE(std::filesystem::exists(m[1].str())) << m[1];
+    ASSERT_TRUE(std::regex_search(r.out, m, std::regex(R"(cgroup (/\S+/bh-\d+-agent))")));
     EXPECT_FALSE(std::filesystem::exists(m[1].str())) << m[1];
 }
 
