@@ -594,6 +594,11 @@ Compiled compile(const Policy& policy, Allocations& alloc, const HostFacts& host
     return out;
 }
 
+std::uint32_t class_workload(const std::string& class_key)
+{
+    return static_cast<std::uint32_t>(std::stoul(class_key.substr(0, class_key.find('|'))));
+}
+
 std::uint32_t compiled_identity_of(const Compiled& compiled, const IpAddr& addr)
 {
     bh_ipcache_host_key host{};

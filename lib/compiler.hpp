@@ -101,6 +101,9 @@ struct HostFacts {
 Compiled compile(const Policy& policy, Allocations& alloc, const HostFacts& host,
                  const CompileLimits& limits);
 
+// The workload identity an Allocations::classes key narrows.
+std::uint32_t class_workload(const std::string& class_key);
+
 // The datapath identity of an address in `compiled`, with the same longest-
 // prefix logic as the BPF lookup (for explain and tests).
 std::uint32_t compiled_identity_of(const Compiled& compiled, const IpAddr& addr);
