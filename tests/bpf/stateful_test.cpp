@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -302,8 +303,14 @@ public:
     ~NestedCgroup()
     {
         // a child that was just reaped can keep it busy for a moment
-        for (int i = 0; i < 100 && ::rmdir(path_.c_str()) != 0 && errno == EBUSY; i++)
+        for (int i = 0; i < 300; i++) {
+            if (::rmdir(path_.c_str()) == 0 || errno == ENOENT)
+                return;
+            if (errno != EBUSY)
+                break;
             ::usleep(10000);
+        }
+        std::fprintf(stderr, "cannot remove cgroup %s: %s\n", path_.c_str(), std::strerror(errno));
     }
 
     const fs::path& path() const noexcept { return path_; }
