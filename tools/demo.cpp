@@ -71,6 +71,7 @@ constexpr int kAgentPhase = 3;
 // inherits the agent identity from this, its nearest listed ancestor.
 constexpr const char* kAgentCgroup = "/bulkhead-demo/agent";
 constexpr std::uint16_t kAgentListenPort = 7000;
+constexpr std::string_view kAgentRequest = "SELECT 1;\n";  // db echoes it back
 
 // The flows, phase by phase. Keep in sync with examples/demo-policy.yaml.
 std::vector<DemoFlow> demo_flows() {
@@ -103,6 +104,7 @@ std::vector<DemoFlow> demo_flows() {
 // frontend's, so these rows compare outcomes only; which hook decides is in
 // the comments.
 enum class AgentKind {
+    request,  // connect() from the agent, a request, the server's reply
     connect,  // connect() from the agent
     sendto,   // one unconnected UDP datagram from the agent
     inbound,  // a connection from `peer` to a listener of the agent
@@ -121,10 +123,10 @@ std::vector<AgentFlow> agent_flows() {
     using K = AgentKind;
     return {
         // connect4/6 and cgroup_skb egress: agent-to-db; db's XDP sees
-        // frontend's address (frontend-to-db); the SYN-ACK passes the agent's
-        // enforcing ingress only because the flow is tracked
-        {K::connect, "db", 5432, false, "connected, reply tracked"},
-        {K::connect, "db", 5432, true, "connected, reply tracked"},
+        // frontend's address (frontend-to-db); db's SYN-ACK and its answer
+        // pass the agent's enforcing ingress only because the flow is tracked
+        {K::request, "db", 5432, false, "answered, replies tracked"},
+        {K::request, "db", 5432, true, "answered, replies tracked"},
         // connect4/6: no rule lets agent out there; its egress enforces.
         // frontend, from the same namespace and address, gets through to
         // metrics, and times out at web's XDP on 8080.
@@ -141,6 +143,7 @@ std::vector<AgentFlow> agent_flows() {
 std::string agent_flow_label(const AgentFlow& f) {
     const char* family = f.v6 ? "IPv6" : "IPv4";
     switch (f.kind) {
+    case AgentKind::request:
     case AgentKind::connect: return fmt::format("agent -> {} tcp/{} {}", f.peer, f.port, family);
     case AgentKind::sendto: return fmt::format("agent -> {} udp/{} {}", f.peer, f.port, family);
     case AgentKind::inbound: return fmt::format("{} -> agent tcp/{} {}", f.peer, f.port, family);
@@ -231,7 +234,7 @@ void start_services(Lab& lab) {
     for (bool v6 : {false, true}) {
         lab.tcp_servers.push_back(nl::tcp_listen(*web.ns, web.addr(v6), 80));
         lab.tcp_servers.push_back(nl::tcp_listen(*web.ns, web.addr(v6), 8080));
-        lab.tcp_servers.push_back(nl::tcp_listen(*db.ns, db.addr(v6), 5432));
+        lab.tcp_servers.push_back(nl::tcp_listen(*db.ns, db.addr(v6), 5432, true));  // echo
         lab.tcp_servers.push_back(nl::tcp_listen(*metrics.ns, metrics.addr(v6), 9100));
         lab.udp_receivers.push_back(std::make_unique<nl::UdpReceiver>(*db.ns, db.addr(v6), 5000));
     }
@@ -382,6 +385,19 @@ std::string observe_agent(const Lab& lab, const AgentFlow& f) {
     int rc = 0;
 
     switch (f.kind) {
+    case AgentKind::request:
+        // the child's exit status: the ConnectResult, or 100 + whether the
+        // server's answer came back
+        rc = nl::run_in_cgroup(*lab.agent_cgroup, [&] {
+            nl::RequestResult r = nl::tcp_request(*frontend.ns, dst, f.port, kAgentRequest,
+                                                  kConnectTimeout);
+            if (r.connect != nl::ConnectResult::connected) return static_cast<int>(r.connect);
+            return 100 + (r.reply == kAgentRequest ? 1 : 0);
+        }, frontend.ns.get());
+        if (rc == 101) return "answered";
+        if (rc == 100) return "connected, no answer";
+        if (rc > static_cast<int>(nl::ConnectResult::unreachable)) return "error in the agent";
+        return std::string(to_string(static_cast<nl::ConnectResult>(rc)));
     case AgentKind::connect:
         rc = nl::run_in_cgroup(*lab.agent_cgroup, [&] {
             return static_cast<int>(nl::tcp_connect(*frontend.ns, dst, f.port, kConnectTimeout));
@@ -439,11 +455,11 @@ bool run_agent_phase(const Lab& lab, const Dataplane& dp, std::vector<Row>& rows
         } catch (const std::exception& e) {
             observed = fmt::format("error: {}", e.what());
         }
-        // its ingress enforces and no rule lets db in: a reply got through
-        // only as tracked traffic, and the counter says so
-        if (f.kind == AgentKind::connect && observed == "connected") {
+        // its ingress enforces and no rule lets db in: the replies got
+        // through only as tracked traffic, and the counter says so
+        if (f.kind == AgentKind::request && observed == "answered") {
             bool tracked = moved_by(moved(before, dp.stats()), "tracked") > 0;
-            observed += tracked ? ", reply tracked" : ", reply NOT counted as tracked";
+            observed += tracked ? ", replies tracked" : ", replies NOT counted as tracked";
         }
 
         Row row{agent_flow_label(f), f.expected, observed, observed == f.expected};

@@ -219,6 +219,15 @@ void signal_stop(const Fd& stop) {
 }
 
 // Waits until `fd` is readable or `stop` is signalled; false on stop.
+// Sends back the first bytes that arrive on `conn` within 500 ms.
+void echo_once(const Fd& conn) {
+    pollfd p = {conn.get(), POLLIN, 0};
+    if (::poll(&p, 1, 500) != 1) return;
+    char buf[512];
+    ssize_t n = ::recv(conn.get(), buf, sizeof buf, 0);
+    if (n > 0) (void)::send(conn.get(), buf, static_cast<std::size_t>(n), MSG_NOSIGNAL);
+}
+
 bool wait_readable(const Fd& fd, const Fd& stop) {
     pollfd fds[2] = {{fd.get(), POLLIN, 0}, {stop.get(), POLLIN, 0}};
     for (;;) {
@@ -464,7 +473,8 @@ NetNsScope::~NetNsScope() {
 // Sockets
 // ---------------------------------------------------------------------------
 
-TcpServer::TcpServer(const NetNs& ns, const std::string& addr, std::uint16_t port) {
+TcpServer::TcpServer(const NetNs& ns, const std::string& addr, std::uint16_t port, bool echo)
+    : echo_(echo) {
     SockAddr sa = make_sockaddr(addr, port);
     {
         NetNsScope scope(ns);
@@ -495,6 +505,7 @@ void TcpServer::accept_loop() {
             Fd conn(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
             if (!conn) break;  // EAGAIN: drained; anything else: try again on the next wakeup
             accepted_.fetch_add(1);
+            if (echo_) echo_once(conn);
         }
     }
 }
@@ -527,19 +538,11 @@ std::optional<ConnectResult> classify_connect_error(int err) {
 
 }  // namespace
 
-ConnectResult tcp_connect(const NetNs& ns, const std::optional<std::string>& src,
-                          const std::string& dst, std::uint16_t port,
-                          std::chrono::milliseconds timeout) {
-    SockAddr to = make_sockaddr(dst, port);
-    std::string what = fmt::format("TCP {} port {} from {}", dst, port, ns.name());
+namespace {
 
-    Fd fd;
-    {
-        NetNsScope scope(ns);
-        fd = open_socket(to.family(), SOCK_STREAM | SOCK_NONBLOCK);
-    }
-    if (src) bind_to(fd, make_sockaddr(*src, 0), *src);
-
+// Connects `fd` (non-blocking) to `to`, waiting at most `timeout`.
+ConnectResult connect_within(const Fd& fd, const SockAddr& to, const std::string& what,
+                             std::chrono::milliseconds timeout) {
     int err = 0;
     if (::connect(fd.get(), to.get(), to.len) < 0) err = errno;
     if (err == EINPROGRESS) {
@@ -557,6 +560,51 @@ ConnectResult tcp_connect(const NetNs& ns, const std::optional<std::string>& src
 
     if (auto result = classify_connect_error(err)) return *result;
     fail_errno(fmt::format("cannot connect to {}", what), err);
+}
+
+}  // namespace
+
+ConnectResult tcp_connect(const NetNs& ns, const std::optional<std::string>& src,
+                          const std::string& dst, std::uint16_t port,
+                          std::chrono::milliseconds timeout) {
+    SockAddr to = make_sockaddr(dst, port);
+    std::string what = fmt::format("TCP {} port {} from {}", dst, port, ns.name());
+
+    Fd fd;
+    {
+        NetNsScope scope(ns);
+        fd = open_socket(to.family(), SOCK_STREAM | SOCK_NONBLOCK);
+    }
+    if (src) bind_to(fd, make_sockaddr(*src, 0), *src);
+    return connect_within(fd, to, what, timeout);
+}
+
+RequestResult tcp_request(const NetNs& ns, const std::string& dst, std::uint16_t port,
+                          std::string_view request, std::chrono::milliseconds timeout) {
+    SockAddr to = make_sockaddr(dst, port);
+    std::string what = fmt::format("TCP {} port {} from {}", dst, port, ns.name());
+
+    Fd fd;
+    {
+        NetNsScope scope(ns);
+        fd = open_socket(to.family(), SOCK_STREAM | SOCK_NONBLOCK);
+    }
+    RequestResult result;
+    result.connect = connect_within(fd, to, what, timeout);
+    if (result.connect != ConnectResult::connected) return result;
+
+    if (::send(fd.get(), request.data(), request.size(), MSG_NOSIGNAL) < 0) {
+        fail_errno(fmt::format("cannot send a request over {}", what), errno);
+    }
+    pollfd p = {fd.get(), POLLIN, 0};
+    int n;
+    do {
+        n = ::poll(&p, 1, static_cast<int>(timeout.count()));
+    } while (n < 0 && errno == EINTR);
+    char buf[512];
+    ssize_t got = n == 1 ? ::recv(fd.get(), buf, sizeof buf, 0) : 0;
+    if (got > 0) result.reply.assign(buf, static_cast<std::size_t>(got));
+    return result;
 }
 
 UdpReceiver::UdpReceiver(const NetNs& ns, const std::string& addr, std::uint16_t port) {

@@ -195,10 +195,12 @@ auto run_in_netns(const NetNs& ns, Fn&& fn) -> decltype(fn()) {
 // ---------------------------------------------------------------------------
 
 // A TCP listener bound to addr:port inside `ns`. A background thread accepts
-// connections, counts them and closes them at once. Port 0 picks a free port.
+// connections, counts them and closes them at once; with `echo`, it first
+// sends back the first bytes that arrive (within 500 ms): a request and its
+// reply. Port 0 picks a free port.
 class TcpServer {
 public:
-    TcpServer(const NetNs& ns, const std::string& addr, std::uint16_t port);
+    TcpServer(const NetNs& ns, const std::string& addr, std::uint16_t port, bool echo = false);
     TcpServer(const TcpServer&) = delete;
     TcpServer& operator=(const TcpServer&) = delete;
     ~TcpServer();  // stops the thread and closes the socket
@@ -212,14 +214,15 @@ private:
     Fd listener_;
     Fd stop_;  // an eventfd; written to stop the thread
     std::uint16_t port_ = 0;
+    bool echo_ = false;
     std::atomic<std::uint64_t> accepted_{0};
     std::thread thread_;
 };
 
 // Starts a TcpServer (the brief's name for it).
 inline std::unique_ptr<TcpServer> tcp_listen(const NetNs& ns, const std::string& addr,
-                                             std::uint16_t port) {
-    return std::make_unique<TcpServer>(ns, addr, port);
+                                             std::uint16_t port, bool echo = false) {
+    return std::make_unique<TcpServer>(ns, addr, port, echo);
 }
 
 enum class ConnectResult {
@@ -240,6 +243,16 @@ inline ConnectResult tcp_connect(const NetNs& ns, const std::string& dst, std::u
                                  std::chrono::milliseconds timeout = 1000ms) {
     return tcp_connect(ns, std::nullopt, dst, port, timeout);
 }
+
+struct RequestResult {
+    ConnectResult connect = ConnectResult::timeout;
+    std::string reply;  // the first bytes that came back; empty if none did in time
+};
+
+// Connects as tcp_connect() does, sends `request`, waits at most `timeout`
+// for the first bytes of a reply, and closes the connection.
+RequestResult tcp_request(const NetNs& ns, const std::string& dst, std::uint16_t port,
+                          std::string_view request, std::chrono::milliseconds timeout = 1000ms);
 
 // A UDP socket bound to addr:port inside `ns`; a background thread counts the
 // datagrams that arrive. Port 0 picks a free port.

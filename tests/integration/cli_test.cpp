@@ -413,9 +413,10 @@ TEST_F(CliRoot, DemoRunsCleanAndExitsZero) {
     auto r = cli({"demo"});
     EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
     EXPECT_THAT(r.out, HasSubstr("all 24 flows behaved as the policy says"));
-    // The process identified by its cgroup: EPERM at once, replies tracked.
+    // The process identified by its cgroup: EPERM at once; a request
+    // answered, the answer passing its enforcing ingress as tracked.
     EXPECT_THAT(r.out, HasSubstr("agent -> metrics tcp/9100 IPv4    | EPERM"));
-    EXPECT_THAT(r.out, HasSubstr("| connected, reply tracked                  | yes"));
+    EXPECT_THAT(r.out, HasSubstr("| answered, replies tracked                 | yes"));
 
     // It removed what it made: the namespaces and the pin directory it named.
     std::smatch m;
