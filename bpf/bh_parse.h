@@ -251,7 +251,12 @@ static __always_inline void bh_addr_from_v4(struct bh_addr *a, __be32 v4)
 	__builtin_memcpy(&a->bytes[12], &v4, 4);
 }
 
-static __always_inline int bh_parse_ipv4(void *l3, void *data_end, struct bh_pkt *pkt)
+/* `avail` is how many bytes the packet has from l3 on. It can exceed
+ * data_end - l3: at cgroup hooks data_end ends the skb's linear part, and a
+ * payload beyond it is still part of the packet. Lengths are checked against
+ * avail, reads against data_end. */
+static __always_inline int bh_parse_ipv4(void *l3, void *data_end, __u32 avail,
+					 struct bh_pkt *pkt)
 {
 	struct iphdr *ip = l3;
 
@@ -263,7 +268,7 @@ static __always_inline int bh_parse_ipv4(void *l3, void *data_end, struct bh_pkt
 	__u32 hdr_len = ip->ihl * 4;
 	__u32 tot_len = bpf_ntohs(ip->tot_len);
 
-	if (l3 + hdr_len > data_end || tot_len < hdr_len || l3 + tot_len > data_end)
+	if (l3 + hdr_len > data_end || tot_len < hdr_len || tot_len > avail)
 		return BH_PARSE_MALFORMED;
 
 	bh_addr_from_v4(&pkt->src, ip->saddr);
@@ -303,7 +308,8 @@ static __always_inline int bh_is_ext_hdr(__u8 nexthdr)
  * each combination of header kinds. */
 #define BH_EXT_OFF_MASK 0x7fff
 
-static __always_inline int bh_parse_ipv6(void *l3, void *data_end, struct bh_pkt *pkt)
+static __always_inline int bh_parse_ipv6(void *l3, void *data_end, __u32 avail,
+					 struct bh_pkt *pkt)
 {
 	struct ipv6hdr *ip6 = l3;
 
@@ -316,7 +322,7 @@ static __always_inline int bh_parse_ipv6(void *l3, void *data_end, struct bh_pkt
 	__u32 off = sizeof(*ip6);
 	__u8 nexthdr = ip6->nexthdr;
 
-	if (l3 + end > data_end)
+	if (end > avail)
 		return BH_PARSE_MALFORMED;
 	__builtin_memcpy(pkt->src.bytes, &ip6->saddr, 16);
 	__builtin_memcpy(pkt->dst.bytes, &ip6->daddr, 16);
@@ -362,13 +368,13 @@ static __always_inline int bh_parse_ipv6(void *l3, void *data_end, struct bh_pkt
 }
 
 /* Parses a packet from its network header (cgroup_skb: no link layer). */
-static __always_inline int bh_parse_l3(void *data, void *data_end, __be16 proto,
+static __always_inline int bh_parse_l3(void *data, void *data_end, __u32 avail, __be16 proto,
 				       struct bh_pkt *pkt)
 {
 	if (proto == bpf_htons(ETH_P_IP))
-		return bh_parse_ipv4(data, data_end, pkt);
+		return bh_parse_ipv4(data, data_end, avail, pkt);
 	if (proto == bpf_htons(ETH_P_IPV6))
-		return bh_parse_ipv6(data, data_end, pkt);
+		return bh_parse_ipv6(data, data_end, avail, pkt);
 	return BH_PARSE_NOT_IP;
 }
 
@@ -401,8 +407,11 @@ static __always_inline int bh_parse_eth(void *data, void *data_end, struct bh_pk
 	/* 14, 18 or 22 bytes; as a masked offset the three cases are one to the
 	 * verifier, which then checks the network layer once, not three times */
 	__u32 l3_off = (__u32)(cursor - data) & 0x1f;
+	void *l3 = data + l3_off;
 
-	return bh_parse_l3(data + l3_off, data_end, proto, pkt);
+	if (l3 > data_end)
+		return BH_PARSE_MALFORMED;
+	return bh_parse_l3(l3, data_end, data_end - l3, proto, pkt);
 }
 
 #endif /* BH_PARSE_H */

@@ -111,6 +111,7 @@ static __always_inline void bh_identity_of(const struct bh_gen_view *view,
 	out->id = BH_ID_WORLD;
 	out->ingress_mode = view->cfg->world_ingress_mode;
 	out->egress_mode = view->cfg->world_egress_mode;
+	out->flags = 0;
 }
 
 /* The identity of one end: its registered cgroup if the point names one and
@@ -135,6 +136,7 @@ static __always_inline void bh_end_identity(const struct bh_gen_view *view,
 		out->id = BH_ID_HOST;
 		out->ingress_mode = view->cfg->world_ingress_mode;
 		out->egress_mode = view->cfg->world_egress_mode;
+		out->flags = BH_IDENTITY_HOST;
 		return;
 	}
 	bh_identity_of(view, addr, out);
@@ -167,9 +169,10 @@ bh_policy_lookup(const struct bh_gen_view *view, __u32 src_id, __u32 dst_id,
 /* Failsafe: a host port reachable from a management prefix whatever the
  * policy, so that a wrong policy cannot lock the operator out. */
 static __always_inline int bh_failsafe_open(const struct bh_gen_view *view,
-					    const struct bh_pkt *pkt, __u32 dst_id, int ingress)
+					    const struct bh_pkt *pkt,
+					    const struct bh_identity_info *dst, int ingress)
 {
-	if (!ingress || dst_id != BH_ID_HOST || !pkt->has_port)
+	if (!ingress || !(dst->flags & BH_IDENTITY_HOST) || !pkt->has_port)
 		return 0;
 
 	struct bh_failsafe_key key = {
@@ -209,7 +212,7 @@ static __always_inline void bh_decide(const struct bh_gen_view *view, const stru
 	d->dst_id = dst.id;
 	d->rule_id = BH_RULE_ID_NONE;
 
-	if (bh_failsafe_open(view, pkt, dst.id, point->ingress)) {
+	if (bh_failsafe_open(view, pkt, &dst, point->ingress)) {
 		d->pass = 1;
 		d->reason = BH_REASON_FAILSAFE;
 		return;
@@ -247,10 +250,16 @@ static __always_inline int bh_trackable(const struct bh_pkt *pkt)
 	return !pkt->nd;
 }
 
-static __always_inline void bh_ct_tuple(const struct bh_pkt *pkt, int reverse,
+static __always_inline __u8 bh_ct_point_of(int ingress)
+{
+	return ingress ? BH_CT_POINT_INGRESS : BH_CT_POINT_EGRESS;
+}
+
+static __always_inline void bh_ct_tuple(const struct bh_pkt *pkt, int reverse, __u8 point,
 					struct bh_ct_key *key)
 {
 	__builtin_memset(key, 0, sizeof(*key));
+	key->point = point;
 	__builtin_memcpy(&key->src, reverse ? &pkt->dst : &pkt->src, sizeof(key->src));
 	__builtin_memcpy(&key->dst, reverse ? &pkt->src : &pkt->dst, sizeof(key->dst));
 	key->proto = pkt->proto;
@@ -299,7 +308,7 @@ static __always_inline void bh_ct_open(const struct bh_gen_view *view, const str
 
 	if (point->cgroup_id)
 		ct.flags |= point->local_is_src ? BH_CT_LOCAL_SRC : BH_CT_LOCAL_DST;
-	bh_ct_tuple(pkt, 0, &key);
+	bh_ct_tuple(pkt, 0, bh_ct_point_of(point->ingress), &key);
 	bh_ct_refresh(&ct, pkt, 0, bpf_ktime_get_ns());
 	bpf_map_update_elem(&bh_ct, &key, &ct, BPF_ANY);
 }
@@ -309,32 +318,55 @@ static __always_inline void bh_ct_open(const struct bh_gen_view *view, const str
  * direction and at its opening point, by the generation in force: revoking
  * a rule cuts established flows at their next packet.
  */
-static __always_inline int bh_ct_still_allowed(const struct bh_gen_view *view,
-					       const struct bh_pkt *pkt, int reply,
-					       struct bh_ct_value *ct)
+/* Swaps the ends of a packet, in place. */
+static __always_inline void bh_pkt_swap_ends(struct bh_pkt *pkt)
 {
-	struct bh_pkt opening = *pkt;
+	struct bh_addr tmp;
+
+	__builtin_memcpy(&tmp, &pkt->src, sizeof(tmp));
+	__builtin_memcpy(&pkt->src, &pkt->dst, sizeof(tmp));
+	__builtin_memcpy(&pkt->dst, &tmp, sizeof(tmp));
+}
+
+/*
+ * A flow allowed by an older generation is judged again, in its opening
+ * direction and at its opening point, by the generation in force: revoking
+ * a rule cuts established flows at their next packet. A reply is turned
+ * into its flow's opening packet in place (the stack has no room for a
+ * copy) and back.
+ */
+static __always_inline int bh_ct_still_allowed(const struct bh_gen_view *view,
+					       struct bh_pkt *pkt, int reply,
+					       struct bh_ct_value *ct, int update)
+{
 	struct bh_point point = {
 		.ingress = !!(ct->flags & BH_CT_INGRESS),
 		.local_is_src = !!(ct->flags & BH_CT_LOCAL_SRC),
 		.cgroup_id = ct->cgroup_id,
 	};
 	struct bh_decision d = {};
+	__u16 sport = pkt->sport;
+	__u16 port = pkt->port;
 
 	if (reply) {
-		__builtin_memcpy(&opening.src, &pkt->dst, sizeof(opening.src));
-		__builtin_memcpy(&opening.dst, &pkt->src, sizeof(opening.dst));
-		opening.sport = pkt->port;
-		opening.port = pkt->sport;
+		bh_pkt_swap_ends(pkt);
+		pkt->sport = port;
+		pkt->port = sport;
 		if (pkt->proto == IPPROTO_ICMP)
-			opening.port = bpf_htons(8 << 8);
+			pkt->port = bpf_htons(8 << 8); /* the echo request */
 		else if (pkt->proto == IPPROTO_ICMPV6)
-			opening.port = bpf_htons(128 << 8);
+			pkt->port = bpf_htons(128 << 8);
 	}
-	bh_decide(view, &opening, &point, &d);
+	bh_decide(view, pkt, &point, &d);
+	if (reply) {
+		bh_pkt_swap_ends(pkt);
+		pkt->sport = sport;
+		pkt->port = port;
+	}
 	if (!d.pass)
 		return 0;
-	ct->generation = view->generation;
+	if (update)
+		ct->generation = view->generation;
 	return 1;
 }
 
@@ -344,59 +376,75 @@ enum bh_ct_result {
 	BH_CT_REVOKED = 2, /* tracked, but the policy in force no longer allows it */
 };
 
+/* With `update` clear, a peek: nothing is refreshed, re-stamped or removed. */
 static __always_inline int bh_ct_lookup_dir(const struct bh_gen_view *view,
-					    const struct bh_pkt *pkt, int reply, __u64 now,
-					    __u32 *rule_id)
+					    struct bh_pkt *pkt, int reply, __u8 point,
+					    __u64 now, __u32 *rule_id, int update)
 {
 	struct bh_ct_key key;
 	struct bh_ct_value *ct;
 
-	bh_ct_tuple(pkt, reply, &key);
+	bh_ct_tuple(pkt, reply, point, &key);
 	ct = bpf_map_lookup_elem(&bh_ct, &key);
 	if (!ct)
 		return BH_CT_NEW;
 	if (ct->expires_ns < now) {
-		bpf_map_delete_elem(&bh_ct, &key);
+		if (update)
+			bpf_map_delete_elem(&bh_ct, &key);
 		return BH_CT_NEW;
 	}
-	if (ct->generation != view->generation && !bh_ct_still_allowed(view, pkt, reply, ct)) {
-		bpf_map_delete_elem(&bh_ct, &key);
+	if (ct->generation != view->generation &&
+	    !bh_ct_still_allowed(view, pkt, reply, ct, update)) {
+		if (update)
+			bpf_map_delete_elem(&bh_ct, &key);
 		return BH_CT_REVOKED;
 	}
-	bh_ct_refresh(ct, pkt, reply, now);
+	if (update)
+		bh_ct_refresh(ct, pkt, reply, now);
 	*rule_id = ct->rule_id;
 	return BH_CT_PASS;
 }
 
-/* Looks the packet up as its flow's opening direction, then as its reply.
- * On BH_CT_PASS, *rule_id is the rule that allowed the flow: a rule's
- * counters count every packet of the flows it let in, both ways. */
-static __always_inline int bh_ct_lookup(const struct bh_gen_view *view, const struct bh_pkt *pkt,
-					__u32 *rule_id)
+/* Looks the packet up as its flow's opening direction at this kind of point,
+ * then as a reply to a flow opened at either kind (the other first: a reply
+ * at an ingress point usually answers a local egress). On BH_CT_PASS,
+ * *rule_id is the rule that allowed the flow: a rule's counters count every
+ * packet of the flows it let in, both ways. */
+static __always_inline int bh_ct_lookup(const struct bh_gen_view *view, struct bh_pkt *pkt,
+					int ingress, __u32 *rule_id, int update)
 {
 	__u64 now = bpf_ktime_get_ns();
-	int result = bh_ct_lookup_dir(view, pkt, 0, now, rule_id);
+	__u8 here = bh_ct_point_of(ingress);
+	__u8 other = bh_ct_point_of(!ingress);
+	int result = bh_ct_lookup_dir(view, pkt, 0, here, now, rule_id, update);
 
-	if (result != BH_CT_NEW)
-		return result;
-	return bh_ct_lookup_dir(view, pkt, 1, now, rule_id);
+	if (result == BH_CT_NEW)
+		result = bh_ct_lookup_dir(view, pkt, 1, other, now, rule_id, update);
+	if (result == BH_CT_NEW)
+		result = bh_ct_lookup_dir(view, pkt, 1, here, now, rule_id, update);
+	return result;
 }
 
 /* An ICMP error is related to a tracked flow if the packet it quotes is one
- * of that flow's, in either direction. */
+ * of that flow's, in either direction, opened at either kind of point. */
 static __always_inline int bh_ct_related(const struct bh_pkt *pkt)
 {
+	struct bh_ct_key quoted = pkt->inner;
 	struct bh_ct_key reversed = {
 		.sport = pkt->inner.dport,
 		.dport = pkt->inner.sport,
 		.proto = pkt->inner.proto,
 	};
 
-	if (bpf_map_lookup_elem(&bh_ct, &pkt->inner))
-		return 1;
 	__builtin_memcpy(&reversed.src, &pkt->inner.dst, sizeof(reversed.src));
 	__builtin_memcpy(&reversed.dst, &pkt->inner.src, sizeof(reversed.dst));
-	return bpf_map_lookup_elem(&bh_ct, &reversed) != NULL;
+	for (__u8 point = BH_CT_POINT_EGRESS; point <= BH_CT_POINT_INGRESS; point++) {
+		quoted.point = point;
+		reversed.point = point;
+		if (bpf_map_lookup_elem(&bh_ct, &quoted) || bpf_map_lookup_elem(&bh_ct, &reversed))
+			return 1;
+	}
+	return 0;
 }
 
 /* --- fragments --- */
@@ -410,38 +458,71 @@ static __always_inline void bh_frag_key_of(const struct bh_pkt *pkt, struct bh_f
 	key->proto = pkt->proto;
 }
 
-/* A later fragment passes if its first fragment passed, in this generation. */
-static __always_inline int bh_frag_follows(const struct bh_gen_view *view,
-					   const struct bh_pkt *pkt)
-{
-	struct bh_frag_key key;
-
-	bh_frag_key_of(pkt, &key);
-	struct bh_frag_value *first = bpf_map_lookup_elem(&bh_frag, &key);
-
-	return first && first->generation == view->generation &&
-	       first->expires_ns >= bpf_ktime_get_ns();
-}
-
 static __always_inline void bh_frag_remember(const struct bh_gen_view *view,
-					     const struct bh_pkt *pkt)
+					     const struct bh_pkt *pkt, int ingress)
 {
 	struct bh_frag_key key;
 	struct bh_frag_value value = {
 		.expires_ns = bpf_ktime_get_ns() + BH_FRAG_LIFE,
 		.generation = view->generation,
+		.sport = pkt->sport,
+		.port = pkt->port,
+		.icmp_kind = pkt->icmp_kind,
+		.ingress = ingress,
 	};
 
 	bh_frag_key_of(pkt, &key);
 	bpf_map_update_elem(&bh_frag, &key, &value, BPF_ANY);
 }
 
+/* A later fragment passes if its first fragment passed: in this generation,
+ * or, after a commit, if the first fragment would pass now (tracked, or by
+ * policy), so a commit that keeps a datagram's rule does not cut it. */
+static __always_inline int bh_frag_follows(const struct bh_gen_view *view, struct bh_pkt *pkt)
+{
+	struct bh_frag_key key;
+
+	bh_frag_key_of(pkt, &key);
+	struct bh_frag_value *first = bpf_map_lookup_elem(&bh_frag, &key);
+
+	if (!first || first->expires_ns < bpf_ktime_get_ns())
+		return 0;
+	if (first->generation == view->generation)
+		return 1;
+
+	/* judge the head again in this packet's place (the stack has no room for a
+	 * copy): its ports in, then back */
+	struct bh_point point = { .ingress = first->ingress, .local_is_src = !first->ingress };
+	struct bh_decision d = {};
+	__u16 sport = pkt->sport;
+	__u8 icmp_kind = pkt->icmp_kind;
+	__u32 rule_id; /* a fragment counts as tracked, under no rule */
+	int pass = 1;
+
+	pkt->has_port = 1;
+	pkt->sport = first->sport;
+	pkt->port = first->port;
+	pkt->icmp_kind = first->icmp_kind;
+	if (bh_ct_lookup(view, pkt, first->ingress, &rule_id, 0) != BH_CT_PASS) {
+		bh_decide(view, pkt, &point, &d);
+		pass = d.pass;
+	}
+	pkt->has_port = 0;
+	pkt->sport = sport;
+	pkt->port = 0;
+	pkt->icmp_kind = icmp_kind;
+	if (!pass)
+		return 0;
+	first->generation = view->generation;
+	return 1;
+}
+
 /* --- the whole verdict --- */
 
-/* Judges a parsed packet at `point`: state first (a tracked flow, a fragment
- * of an allowed packet, an error about a tracked flow), then policy; an
+/* Judges a parsed packet at `point`: state first (a fragment of an allowed
+ * packet, an error about a tracked flow, a tracked flow), then policy; an
  * allowed packet opens tracking state. */
-static __always_inline void bh_judge(const struct bh_gen_view *view, const struct bh_pkt *pkt,
+static __always_inline void bh_judge(const struct bh_gen_view *view, struct bh_pkt *pkt,
 				     const struct bh_point *point, struct bh_decision *d)
 {
 	if (!pkt->has_port && bh_frag_follows(view, pkt)) {
@@ -449,32 +530,34 @@ static __always_inline void bh_judge(const struct bh_gen_view *view, const struc
 		d->reason = BH_REASON_TRACKED;
 		return;
 	}
+
+	int ct = BH_CT_NEW;
+
 	if (pkt->has_inner && bh_ct_related(pkt)) {
 		d->pass = 1;
 		d->reason = BH_REASON_TRACKED;
-		return;
-	}
-	if (bh_trackable(pkt)) {
-		int ct = bh_ct_lookup(view, pkt, &d->rule_id);
-
+	} else if (bh_trackable(pkt)) {
+		ct = bh_ct_lookup(view, pkt, point->ingress, &d->rule_id, 1);
 		if (ct == BH_CT_PASS) {
 			d->pass = 1;
 			d->reason = BH_REASON_TRACKED;
-			return;
-		}
-		if (ct == BH_CT_REVOKED)
+		} else if (ct == BH_CT_REVOKED) {
 			bh_count(&bh_reason_cnt, BH_REASON_REVOKED, 0);
-		else if (pkt->proto == IPPROTO_TCP && !(pkt->tcp_flags & 0x02))
-			bh_count(&bh_reason_cnt, BH_REASON_CT_MISS, 0); /* mid-flow, unknown */
+		} else if (pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & 0x12) != 0x02) {
+			/* anything but a SYN opens nothing: a flow we do not know */
+			bh_count(&bh_reason_cnt, BH_REASON_CT_MISS, 0);
+		}
 	}
 
-	bh_decide(view, pkt, point, d);
-	if (!d->pass)
-		return;
-	if (bh_trackable(pkt) && pkt->icmp_kind != BH_ICMP_ECHO_REPLY)
-		bh_ct_open(view, pkt, point, d);
-	if (pkt->frag_first)
-		bh_frag_remember(view, pkt);
+	if (!d->pass) {
+		bh_decide(view, pkt, point, d);
+		if (d->pass && bh_trackable(pkt) &&
+		    pkt->icmp_kind != BH_ICMP_ECHO_REPLY)
+			bh_ct_open(view, pkt, point, d);
+	}
+	/* a first fragment that passed, for whatever reason, lets its train follow */
+	if (d->pass && pkt->frag_first)
+		bh_frag_remember(view, pkt, point->ingress);
 }
 
 static __always_inline void bh_account(const struct bh_decision *d, __u64 bytes)
@@ -510,7 +593,7 @@ static __always_inline __u64 bh_nearest_cgroup(const struct bh_gen_view *view,
  * per path through the parser (VLAN tags times extension headers times
  * fragment shapes), which would multiply its cost many times over.
  */
-__noinline int bh_judge_packet(const struct bh_pkt *pkt, const struct bh_point *point,
+__noinline int bh_judge_packet(struct bh_pkt *pkt, const struct bh_point *point,
 			       __u64 generation, __u64 bytes)
 {
 	struct bh_decision d = { .rule_id = BH_RULE_ID_NONE };
@@ -536,7 +619,7 @@ static __always_inline int bh_verdict_packet(void *data, void *data_end, __u64 b
 	struct bh_pkt pkt = {};
 	struct bh_point point = { .ingress = ingress, .local_is_src = !ingress };
 	struct bh_decision d = { .rule_id = BH_RULE_ID_NONE };
-	int parsed = skb ? bh_parse_l3(data, data_end, skb->protocol, &pkt)
+	int parsed = skb ? bh_parse_l3(data, data_end, skb->len, skb->protocol, &pkt)
 			 : bh_parse_eth(data, data_end, &pkt);
 
 	if (parsed == BH_PARSE_MALFORMED || parsed == BH_PARSE_NOT_IP) {

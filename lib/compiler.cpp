@@ -134,6 +134,7 @@ bh_identity_info identity_info(const DatapathIdentity& d)
     info.id = d.id;
     info.ingress_mode = static_cast<std::uint8_t>(d.ingress);
     info.egress_mode = static_cast<std::uint8_t>(d.egress);
+    info.flags = d.workload_id == BH_ID_HOST ? BH_IDENTITY_HOST : 0;
     return info;
 }
 

@@ -239,7 +239,7 @@ bh_identity_info lookup_identity(int host_fd, int lpm_fd, const IpAddr& addr,
     std::memcpy(key.addr.bytes, addr.bytes.data(), 16);
     if (detail::map_lookup(lpm_fd, &key, &info))
         return info;
-    return bh_identity_info{BH_ID_WORLD, cfg.world_ingress_mode, cfg.world_egress_mode, {}};
+    return bh_identity_info{BH_ID_WORLD, cfg.world_ingress_mode, cfg.world_egress_mode, 0, 0};
 }
 
 bool failsafe_open(int fd, const Flow& flow)
@@ -306,7 +306,7 @@ Explanation Dataplane::explain(const Flow& flow) const
     v.src_identity = src.id;
     v.dst_identity = dst.id;
     const auto mode = static_cast<Mode>(dst.ingress_mode);
-    if (dst.id == BH_ID_HOST && flow.has_port &&
+    if ((dst.flags & BH_IDENTITY_HOST) && flow.has_port &&
         failsafe_open(impl_->inner(kTables[kFailsafeTable], slot).get(), flow)) {
         v.kind = VerdictKind::allow;
         v.reason = Reason::failsafe;

@@ -253,9 +253,15 @@ ReferenceTracker::Lookup ReferenceTracker::lookup_flow(const TrackedPacket& pack
                                                        Direction direction, bool update,
                                                        std::optional<std::string>* rule)
 {
-    for (bool reply : {false, true}) {
-        auto it = flows_.find(tuple_of(packet, reply));
-        if (it == flows_.end() || (!reply && it->second.direction != direction))
+    // the opening direction at this kind of point, then a reply to a flow of
+    // the other kind, then of this kind (the datapath's order)
+    const Direction other =
+        direction == Direction::ingress ? Direction::egress : Direction::ingress;
+    const std::pair<bool, Direction> tries[] = {
+        {false, direction}, {true, other}, {true, direction}};
+    for (const auto& [reply, opened_at] : tries) {
+        auto it = flows_.find({tuple_of(packet, reply), opened_at});
+        if (it == flows_.end())
             continue;
 
         TrackedFlow& tracked = it->second;
@@ -295,8 +301,11 @@ TrackedVerdict ReferenceTracker::decide(const TrackedPacket& packet, Direction d
     // 2. an error about a tracked flow
     if (packet.quoted) {
         const TrackedPacket::Quote& q = *packet.quoted;
-        bool related = flows_.count(Tuple{q.src, q.dst, q.proto, q.sport, q.dport}) != 0 ||
-                       flows_.count(Tuple{q.dst, q.src, q.proto, q.dport, q.sport}) != 0;
+        const Tuple as_sent{q.src, q.dst, q.proto, q.sport, q.dport};
+        const Tuple reversed{q.dst, q.src, q.proto, q.dport, q.sport};
+        bool related = false;
+        for (Direction at : {Direction::ingress, Direction::egress})
+            related = related || flows_.count({as_sent, at}) || flows_.count({reversed, at});
         if (related) {
             out.verdict = tracked_verdict(std::nullopt);
             return out;
@@ -321,7 +330,8 @@ TrackedVerdict ReferenceTracker::decide(const TrackedPacket& packet, Direction d
     out.verdict = reference_verdict(*policy_, flow, direction, host_addrs_);
     bool opens = can_track && !(is_icmp(flow.proto) && is_echo_reply(flow));
     if (update && opens && out.verdict.passes())
-        flows_[tuple_of(packet, false)] = TrackedFlow{generation_, direction, out.verdict.rule};
+        flows_[{tuple_of(packet, false), direction}] =
+            TrackedFlow{generation_, direction, out.verdict.rule};
     return out;
 }
 

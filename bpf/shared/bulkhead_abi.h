@@ -103,7 +103,14 @@ struct bh_identity_info {
 	BH_U32 id;          /* host */
 	BH_U8 ingress_mode; /* enum bh_mode */
 	BH_U8 egress_mode;  /* enum bh_mode */
-	BH_U8 pad[2];
+	BH_U8 flags;        /* enum bh_identity_flags */
+	BH_U8 pad;
+};
+
+enum bh_identity_flags {
+	/* one of this machine's addresses, also when a selector CIDR has given
+	 * it an address class of its own: failsafe ports apply */
+	BH_IDENTITY_HOST = 1,
 };
 
 /*
@@ -180,10 +187,14 @@ struct bh_failsafe_key {
 };
 
 /*
- * Connection tracking, shared by every hook: one entry per flow, keyed by
- * the tuple of its opening direction. A packet of the opposite direction
- * finds it by looking up its own tuple reversed. ICMP echo puts the echo id
- * in both ports, so request and reply have mirror tuples.
+ * Connection tracking, shared by every hook: one entry per flow and kind of
+ * enforcement point, keyed by the tuple of its opening direction. A packet of
+ * the opposite direction finds it by looking up its own tuple reversed, at
+ * either kind of point: return traffic passes wherever it is seen. A packet of
+ * the opening direction passes only on an entry of its own kind of point, so
+ * a flow that the source's egress allowed is still judged at the
+ * destination's ingress on the same host. ICMP echo puts the echo id in both
+ * ports, so request and reply have mirror tuples.
  */
 struct bh_ct_key {
 	struct bh_addr src;
@@ -191,7 +202,13 @@ struct bh_ct_key {
 	BH_U16 sport;  /* be */
 	BH_U16 dport;  /* be */
 	BH_U8 proto;   /* IPPROTO_* */
-	BH_U8 pad[3];
+	BH_U8 point;   /* enum bh_ct_point: where the flow was opened */
+	BH_U8 pad[2];
+};
+
+enum bh_ct_point {
+	BH_CT_POINT_EGRESS = 1,
+	BH_CT_POINT_INGRESS = 2,
 };
 
 enum bh_ct_flags {
@@ -221,9 +238,16 @@ struct bh_frag_key {
 	BH_U8 pad[3];
 };
 
+/* What the first fragment was, so that a later generation can judge it again
+ * for the fragments still following it. */
 struct bh_frag_value {
 	BH_U64 expires_ns; /* host */
-	BH_U64 generation; /* host */
+	BH_U64 generation; /* host; the generation that let the first fragment in */
+	BH_U16 sport;      /* be; as struct bh_pkt */
+	BH_U16 port;       /* be */
+	BH_U8 icmp_kind;   /* enum bh_icmp_kind */
+	BH_U8 ingress;     /* judged at an ingress point */
+	BH_U8 pad[2];
 };
 
 /* Where a program runs, for events and for the verdict's direction. */
@@ -300,7 +324,7 @@ static_assert(sizeof(struct bh_failsafe_key) == 24, "bh_failsafe_key layout");
 static_assert(sizeof(struct bh_ct_key) == 40, "bh_ct_key layout");
 static_assert(sizeof(struct bh_ct_value) == 32, "bh_ct_value layout");
 static_assert(sizeof(struct bh_frag_key) == 40, "bh_frag_key layout");
-static_assert(sizeof(struct bh_frag_value) == 16, "bh_frag_value layout");
+static_assert(sizeof(struct bh_frag_value) == 24, "bh_frag_value layout");
 static_assert(sizeof(struct bh_meta_value) == 4096, "bh_meta_value layout");
 #else
 _Static_assert(sizeof(struct bh_addr) == 16, "bh_addr layout");
@@ -318,7 +342,7 @@ _Static_assert(sizeof(struct bh_failsafe_key) == 24, "bh_failsafe_key layout");
 _Static_assert(sizeof(struct bh_ct_key) == 40, "bh_ct_key layout");
 _Static_assert(sizeof(struct bh_ct_value) == 32, "bh_ct_value layout");
 _Static_assert(sizeof(struct bh_frag_key) == 40, "bh_frag_key layout");
-_Static_assert(sizeof(struct bh_frag_value) == 16, "bh_frag_value layout");
+_Static_assert(sizeof(struct bh_frag_value) == 24, "bh_frag_value layout");
 _Static_assert(sizeof(struct bh_meta_value) == 4096, "bh_meta_value layout");
 #endif
 

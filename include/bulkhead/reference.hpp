@@ -173,7 +173,9 @@ private:
     std::vector<Prefix> host_addrs_;
     std::optional<Policy> policy_;
     std::uint64_t generation_ = 0;
-    std::map<Tuple, TrackedFlow> flows_;
+    // by opening tuple and the kind of point that opened the flow: each kind
+    // tracks its own flows, and a reply matches a flow of either kind
+    std::map<std::pair<Tuple, Direction>, TrackedFlow> flows_;
     std::map<TrainKey, Train> trains_;
 };
 

@@ -1053,6 +1053,7 @@ TEST_F(StatefulFieldCase, ReplyWhoseEntryWasEvicted)
     key.sport = htons(1000);
     key.dport = htons(443);
     key.proto = kProtoTcp;
+    key.point = BH_CT_POINT_INGRESS;  // opened at XDP
     bh_ct_value value{};
     bool survived = bpf_map_lookup_elem(dp().map_fd("bh_ct"), &key, &value) == 0;
     fmt::print("C1: the long-lived flow's entry {} the 5000 others\n",
