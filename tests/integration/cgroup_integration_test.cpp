@@ -474,8 +474,12 @@ TEST_F(CgroupIntegration, RevocationCutsAnEstablishedFlowAtOnce)
     EXPECT_EQ(receive_text(c.client.get(), 11, 1000ms), "")
         << "the server's packet after the commit was delivered";
 
+    // each kind of point that tracked the flow (the cgroup's egress, the
+    // server's XDP) revokes its own entry at the flow's next packet there
     Stats after = dp_->stats();
-    EXPECT_EQ(packets(after, "revoked") - packets(before, "revoked"), 1u)
+    EXPECT_GE(packets(after, "revoked") - packets(before, "revoked"), 1u)
+        << "moved: " << moved(before, after);
+    EXPECT_LE(packets(after, "revoked") - packets(before, "revoked"), 2u)
         << "moved: " << moved(before, after);
 }
 
