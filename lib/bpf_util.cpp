@@ -49,8 +49,8 @@ MapInfo map_info(int map_fd, const std::string& name)
 
     if (bpf_obj_get_info_by_fd(map_fd, &info, &len) != 0)
         throw_errno(fmt::format("read the info of map '{}'", name), errno);
-    return MapInfo{info.id, info.type, info.key_size, info.value_size, info.max_entries,
-                   info.map_flags};
+    return MapInfo{info.id,         info.type,        info.key_size,
+                   info.value_size, info.max_entries, info.map_flags};
 }
 
 Fd map_create(std::uint32_t type, const std::string& name, std::uint32_t key_size,

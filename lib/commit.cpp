@@ -17,9 +17,10 @@ namespace {
 
 std::string full_table_message(const TableSpec& t, std::size_t needed, std::uint32_t size)
 {
-    return fmt::format("cannot commit policy: table '{}' needs {} entries but holds {}; raise "
-                       "it with {} ({}); the policy in force is unchanged",
-                       t.name, needed, size, t.flag, t.option_name);
+    return fmt::format(
+        "cannot commit policy: table '{}' needs {} entries but holds {}; raise "
+        "it with {} ({}); the policy in force is unchanged",
+        t.name, needed, size, t.flag, t.option_name);
 }
 
 // Writes key/value pairs, in batches where the map type supports them.
@@ -122,9 +123,10 @@ detail::HostFacts gather_host_facts(const Policy& policy, const Options& options
             if (::stat(resolved.c_str(), &st) == 0)
                 facts.cgroup_ids[path] = st.st_ino;  // a cgroup v2 id is its inode
             else
-                spdlog::warn("cgroup '{}' of identity '{}' does not exist ({}); its processes "
-                             "get no identity until it exists and the policy is applied again",
-                             resolved.string(), ident.name, detail::errno_text(errno));
+                spdlog::warn(
+                    "cgroup '{}' of identity '{}' does not exist ({}); its processes "
+                    "get no identity until it exists and the policy is applied again",
+                    resolved.string(), ident.name, detail::errno_text(errno));
         }
     }
     return facts;

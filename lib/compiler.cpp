@@ -11,9 +11,9 @@
 namespace bulkhead::detail {
 namespace {
 
-constexpr int kWorld = -1;  // workload index of addresses no identity covers
-constexpr int kHost = -2;   // workload index of this machine's addresses
-constexpr int kV4Base = 96; // IPv4 prefixes live under ::ffff:0:0/96
+constexpr int kWorld = -1;   // workload index of addresses no identity covers
+constexpr int kHost = -2;    // workload index of this machine's addresses
+constexpr int kV4Base = 96;  // IPv4 prefixes live under ::ffff:0:0/96
 
 IpAddr masked(const IpAddr& addr, int len)
 {
@@ -173,15 +173,15 @@ private:
             const Identity& ident = policy_.identities[i];
             std::uint32_t id = workload_id_(format_labels(ident.labels));
             workload_ids_.push_back(id);
-            out_.identities[id] = DatapathIdentity{id, id, static_cast<int>(i), {},
-                                                   ident.ingress, ident.egress};
+            out_.identities[id] =
+                DatapathIdentity{id, id, static_cast<int>(i), {}, ident.ingress, ident.egress};
         }
     }
 
     void add_reserved(std::uint32_t id, int workload)
     {
-        out_.identities[id] = DatapathIdentity{id, id, workload, {}, policy_.default_ingress,
-                                               policy_.default_egress};
+        out_.identities[id] =
+            DatapathIdentity{id, id, workload, {}, policy_.default_ingress, policy_.default_egress};
     }
 
     void index_prefixes(const std::vector<Prefix>& host_addrs)
@@ -256,7 +256,7 @@ private:
 
     const DatapathIdentity& class_of(int workload, const std::vector<Prefix>& cidrs)
     {
-        std::uint32_t base = workload >= 0 ? workload_ids_[static_cast<std::size_t>(workload)]
+        std::uint32_t base = workload >= 0       ? workload_ids_[static_cast<std::size_t>(workload)]
                              : workload == kHost ? std::uint32_t{BH_ID_HOST}
                                                  : std::uint32_t{BH_ID_WORLD};
         if (cidrs.empty())
@@ -517,7 +517,8 @@ void compile_cgroups(const Policy& policy, const std::map<std::string, std::uint
     for (const auto& [datapath_id, d] : out.identities) {
         if (d.workload < 0 || !d.cidrs.empty())
             continue;
-        for (const std::string& path : policy.identities[static_cast<std::size_t>(d.workload)].cgroups) {
+        for (const std::string& path :
+             policy.identities[static_cast<std::size_t>(d.workload)].cgroups) {
             auto it = ids.find(path);
             if (it == ids.end())
                 continue;
@@ -557,8 +558,7 @@ void compile_failsafe(const Failsafe& failsafe, Compiled& out)
                 // close IPv4 unless an IPv4 prefix opened it
                 for (const Prefix& from : failsafe.from)
                     if (from.len < kV4Base && masked(v4_all.addr, from.len) == from.addr)
-                        add_failsafe_entry(v4_all, proto, static_cast<std::uint16_t>(port), 0,
-                                           out);
+                        add_failsafe_entry(v4_all, proto, static_cast<std::uint16_t>(port), 0, out);
             }
         }
     }

@@ -90,7 +90,7 @@ struct CompileLimits {
 
 // What the compiler needs to know about the machine.
 struct HostFacts {
-    std::vector<Prefix> addresses;                     // identity `host`
+    std::vector<Prefix> addresses;                    // identity `host`
     std::map<std::string, std::uint64_t> cgroup_ids;  // policy cgroup path -> id
 };
 

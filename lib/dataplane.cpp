@@ -66,9 +66,10 @@ void check_privileges()
     constexpr int kCapSysAdmin = 21;
     constexpr int kCapBpf = 39;
     if (!has_capability(kCapSysAdmin) && !has_capability(kCapBpf))
-        throw Error("cannot open the dataplane: bulkhead needs root (CAP_BPF, CAP_NET_ADMIN "
-                    "and CAP_SYS_ADMIN); run it with sudo",
-                    EPERM);
+        throw Error(
+            "cannot open the dataplane: bulkhead needs root (CAP_BPF, CAP_NET_ADMIN "
+            "and CAP_SYS_ADMIN); run it with sudo",
+            EPERM);
 }
 
 void probe_kernel()
@@ -89,9 +90,10 @@ void probe_kernel()
             throw_errno(fmt::format("probe the kernel for {}", what), -ok);
     }
     if (libbpf_probe_bpf_prog_type(BPF_PROG_TYPE_XDP, nullptr) == 0)
-        throw Error("this kernel lacks XDP programs, which bulkhead needs; use Linux 5.15 or "
-                    "later with BPF enabled",
-                    EOPNOTSUPP);
+        throw Error(
+            "this kernel lacks XDP programs, which bulkhead needs; use Linux 5.15 or "
+            "later with BPF enabled",
+            EOPNOTSUPP);
 }
 
 // The pin directory must be on a BPF filesystem; mount the usual one if it
@@ -125,7 +127,6 @@ void prepare_pin_dir(const fs::path& dir)
     if (::mkdir(links.c_str(), 0700) != 0 && errno != EEXIST)
         throw_errno(fmt::format("create '{}'", links.string()), errno);
 }
-
 
 }  // namespace
 
@@ -208,7 +209,8 @@ Stats Dataplane::stats() const
         for (const Rule& rule : meta->policy.rules) {
             auto it = meta->alloc.rules.find(rule.name);
             if (it != meta->alloc.rules.end())
-                s.rules.push_back(RuleCounter{rule.name, rule.action, read_percpu(rules, it->second)});
+                s.rules.push_back(
+                    RuleCounter{rule.name, rule.action, read_percpu(rules, it->second)});
         }
     }
     s.maps = impl_->fills(meta);
@@ -350,4 +352,3 @@ int Dataplane::map_fd(const std::string& name) const
 }
 
 }  // namespace bulkhead
-

@@ -59,19 +59,17 @@ enum TableIndex {
 
 inline const std::array<TableSpec, 5> kTables{{
     {"bh_ipc_host", BPF_MAP_TYPE_HASH, sizeof(bh_ipcache_host_key), sizeof(bh_identity_info),
-     &Options::max_ipcache_hosts, 1u << 20, "--max-ipcache-hosts",
-     "Options::max_ipcache_hosts"},
+     &Options::max_ipcache_hosts, 1u << 20, "--max-ipcache-hosts", "Options::max_ipcache_hosts"},
     {"bh_ipc_lpm", BPF_MAP_TYPE_LPM_TRIE, sizeof(bh_ipcache_lpm_key), sizeof(bh_identity_info),
      &Options::max_ipcache_prefixes, 1u << 16, "--max-ipcache-prefixes",
      "Options::max_ipcache_prefixes"},
     {"bh_policy", BPF_MAP_TYPE_LPM_TRIE, sizeof(bh_policy_key), sizeof(bh_policy_value),
-     &Options::max_policy_entries, 1u << 20, "--max-policy-entries",
-     "Options::max_policy_entries"},
+     &Options::max_policy_entries, 1u << 20, "--max-policy-entries", "Options::max_policy_entries"},
     {"bh_cgroups", BPF_MAP_TYPE_HASH, sizeof(bh_cgroup_key), sizeof(bh_identity_info),
      &Options::max_cgroups, 1u << 16, "--max-cgroups", "Options::max_cgroups"},
     // failsafe lists are short: the parser bounds them
-    {"bh_failsafe", BPF_MAP_TYPE_LPM_TRIE, sizeof(bh_failsafe_key), sizeof(std::uint32_t),
-     nullptr, 1u << 14, "", ""},
+    {"bh_failsafe", BPF_MAP_TYPE_LPM_TRIE, sizeof(bh_failsafe_key), sizeof(std::uint32_t), nullptr,
+     1u << 14, "", ""},
 }};
 
 inline std::uint32_t wanted_size(const Options& o, const TableSpec& t, std::uint32_t fallback)
@@ -147,8 +145,8 @@ using detail::GenerationMeta;
 using detail::kDefaultMaxConnections;
 using detail::kDefaultMaxRules;
 using detail::kHostsTable;
-using detail::pin_name;
 using detail::kTables;
+using detail::pin_name;
 using detail::TableSpec;
 using detail::throw_errno;
 using detail::wanted_size;
@@ -156,13 +154,12 @@ using nlohmann::json;
 
 // The handle on the pinned state: maps always, programs once needed.
 struct Dataplane::Impl {
-
     struct SkelDeleter {
         void operator()(bulkhead_bpf* s) const { bulkhead_bpf__destroy(s); }
     };
 
     Options options;
-    std::unique_ptr<bulkhead_bpf, SkelDeleter> skel;   // the maps
+    std::unique_ptr<bulkhead_bpf, SkelDeleter> skel;           // the maps
     mutable std::unique_ptr<bulkhead_bpf, SkelDeleter> progs;  // the programs, once needed
 
     // Names of the identities and rules of one generation, for explain();
@@ -289,8 +286,8 @@ struct Dataplane::Impl {
             if (map == skel->maps.bh_rule_cnt)
                 bpf_map__set_max_entries(map, options.max_rules.value_or(kDefaultMaxRules));
             if (map == skel->maps.bh_ct)
-                bpf_map__set_max_entries(
-                    map, options.max_connections.value_or(kDefaultMaxConnections));
+                bpf_map__set_max_entries(map,
+                                         options.max_connections.value_or(kDefaultMaxConnections));
             return;
         }
 
@@ -301,8 +298,8 @@ struct Dataplane::Impl {
                 "cannot reuse pinned map '{}': its layout (type {}, key {} B, value {} B) is "
                 "not this version's; remove the old state with `bulkhead --pin-dir {} detach "
                 "all` and `rm -r {}`",
-                path.string(), info.type, info.key_size, info.value_size,
-                options.pin_dir.string(), options.pin_dir.string()));
+                path.string(), info.type, info.key_size, info.value_size, options.pin_dir.string(),
+                options.pin_dir.string()));
         if (int err = bpf_map__reuse_fd(map, fd.get()))
             throw_errno(fmt::format("reuse pinned map '{}'", path.string()), -err);
     }
@@ -331,9 +328,10 @@ struct Dataplane::Impl {
     {
         Fd fd = detail::inner_map(outer_fd(t), slot, t.name);
         if (!fd)
-            throw Error(fmt::format("the pinned state under '{}' is incomplete: slot {} of '{}' "
-                                    "is empty; reopen it to repair",
-                                    options.pin_dir.string(), slot, t.name));
+            throw Error(
+                fmt::format("the pinned state under '{}' is incomplete: slot {} of '{}' "
+                            "is empty; reopen it to repair",
+                            options.pin_dir.string(), slot, t.name));
         return fd;
     }
 
@@ -373,9 +371,8 @@ struct Dataplane::Impl {
     void write_meta(std::uint32_t slot, const json& j)
     {
         std::string blob = j.dump();
-        std::uint32_t chunks = static_cast<std::uint32_t>(
-            std::max<std::size_t>(1, (blob.size() + BH_META_CHUNK_BYTES - 1) /
-                                         BH_META_CHUNK_BYTES));
+        std::uint32_t chunks = static_cast<std::uint32_t>(std::max<std::size_t>(
+            1, (blob.size() + BH_META_CHUNK_BYTES - 1) / BH_META_CHUNK_BYTES));
         // chunk 0 last: the blob becomes valid only when complete
         for (std::uint32_t c = chunks; c-- > 0;) {
             bh_meta_key key{slot, c};
@@ -433,8 +430,8 @@ struct Dataplane::Impl {
         for (const TableSpec& t : kTables) {
             Fd fd = inner(t, slot);
             std::uint64_t entries = meta ? meta->raw["counts"].value(t.name, 0ull) : 0;
-            out.push_back(MapFill{t.name, entries, detail::map_info(fd.get(), t.name).max_entries,
-                                  t.flag});
+            out.push_back(
+                MapFill{t.name, entries, detail::map_info(fd.get(), t.name).max_entries, t.flag});
         }
         std::uint64_t rules = meta ? meta->policy.rules.size() : 0;
         out.push_back(MapFill{"bh_rule_cnt", rules, max_rules, "--max-rules"});
@@ -482,6 +479,5 @@ struct Dataplane::Impl {
     ApplyResult commit(const Policy& policy, const std::string& source);
     std::vector<Attachment> attachments() const;
 };
-
 
 }  // namespace bulkhead

@@ -259,9 +259,10 @@ fs::path cgroup_v2_root()
             found = mount_point;
     }
     if (!found)
-        throw Error("cannot find a cgroup v2 mount in /proc/self/mountinfo; mount one with "
-                    "`mount -t cgroup2 none /sys/fs/cgroup/unified`",
-                    ENOENT);
+        throw Error(
+            "cannot find a cgroup v2 mount in /proc/self/mountinfo; mount one with "
+            "`mount -t cgroup2 none /sys/fs/cgroup/unified`",
+            ENOENT);
     return *found;
 }
 
@@ -316,8 +317,7 @@ Attachment Dataplane::attach_cgroup(const fs::path& path)
                                         resolved.string()),
                             errno);
             if (bpf_obj_pin(link.get(), pin.c_str()) != 0)
-                throw_errno(fmt::format("pin the {} link at '{}'", hook.name, pin.string()),
-                            errno);
+                throw_errno(fmt::format("pin the {} link at '{}'", hook.name, pin.string()), errno);
             created.push_back(pin);
         }
     } catch (...) {
@@ -330,8 +330,9 @@ Attachment Dataplane::attach_cgroup(const fs::path& path)
         }
         throw;
     }
-    return Attachment{"cgroup", resolved.string(),
-                      "ingress,egress,connect4,connect6,sendmsg4,sendmsg6", 0, 0, 0, false};
+    return Attachment{
+        "cgroup", resolved.string(), "ingress,egress,connect4,connect6,sendmsg4,sendmsg6", 0, 0, 0,
+        false};
 }
 
 void Dataplane::detach_cgroup(const fs::path& path)
@@ -393,9 +394,9 @@ void Dataplane::destroy(const fs::path& pin_dir)
     std::error_code ec;
     fs::remove_all(pin_dir, ec);
     if (ec)
-        throw Error(fmt::format("cannot remove pin directory '{}': {}", pin_dir.string(),
-                                ec.message()),
-                    ec.value());
+        throw Error(
+            fmt::format("cannot remove pin directory '{}': {}", pin_dir.string(), ec.message()),
+            ec.value());
 }
 
 std::vector<Attachment> Dataplane::Impl::attachments() const
@@ -420,8 +421,8 @@ std::vector<Attachment> Dataplane::Impl::attachments() const
             }
             out.push_back(a);
         } else if (auto cg = CgroupPin::parse(name)) {
-            auto [it, fresh] = cgroups.try_emplace(
-                cg->path, Attachment{"cgroup", cg->path, "", 0, 0, 0, false});
+            auto [it, fresh] =
+                cgroups.try_emplace(cg->path, Attachment{"cgroup", cg->path, "", 0, 0, 0, false});
             Attachment& a = it->second;
             a.mode += (fresh ? "" : ",") + cg->hook;
             a.prog_id = live ? info.prog_id : a.prog_id;

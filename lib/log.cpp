@@ -16,9 +16,8 @@ int libbpf_to_spdlog(enum libbpf_print_level level, const char* format, va_list 
 {
     char line[1024];
     int n = std::vsnprintf(line, sizeof(line), format, args);
-    std::string text(line, n > 0 ? std::min<std::size_t>(static_cast<std::size_t>(n),
-                                                         sizeof(line) - 1)
-                                 : 0);
+    std::string text(
+        line, n > 0 ? std::min<std::size_t>(static_cast<std::size_t>(n), sizeof(line) - 1) : 0);
 
     while (!text.empty() && text.back() == '\n')
         text.pop_back();

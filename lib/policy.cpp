@@ -62,9 +62,8 @@ bool labels_match(const std::map<std::string, std::vector<std::string>>& match,
 {
     return std::all_of(match.begin(), match.end(), [&](const auto& term) {
         auto found = labels.find(term.first);
-        return found != labels.end() &&
-               std::find(term.second.begin(), term.second.end(), found->second) !=
-                   term.second.end();
+        return found != labels.end() && std::find(term.second.begin(), term.second.end(),
+                                                  found->second) != term.second.end();
     });
 }
 
@@ -194,18 +193,18 @@ std::optional<PortSpec> parse_transport(Proto proto, const std::vector<std::stri
     return PortSpec{proto, *lo, *hi};
 }
 
-std::optional<unsigned> parse_icmp_field(Proto proto, std::string_view field,
-                                         std::string_view text, std::string* why)
+std::optional<unsigned> parse_icmp_field(Proto proto, std::string_view field, std::string_view text,
+                                         std::string* why)
 {
     std::string_view family = proto == Proto::icmp ? "ICMP" : "ICMPv6";
     std::optional<unsigned> value = parse_number(text);
     if (!value) {
-        return port_fail(why, fmt::format("{} {} '{}' is not a number; expected 0-255", family,
-                                          field, text));
+        return port_fail(
+            why, fmt::format("{} {} '{}' is not a number; expected 0-255", family, field, text));
     }
     if (*value > 0xff) {
-        return port_fail(why, fmt::format("{} {} {} is out of range; expected 0-255", family,
-                                          field, text));
+        return port_fail(
+            why, fmt::format("{} {} {} is out of range; expected 0-255", family, field, text));
     }
     return value;
 }
@@ -218,8 +217,8 @@ std::optional<PortSpec> parse_icmp(Proto proto, const std::vector<std::string_vi
     if (parts.size() == 1)
         return PortSpec{proto, 0, 0xffff};
     if (parts.size() > 3)
-        return port_fail(why, fmt::format("too many '/'; expected {0}, {0}/TYPE or {0}/TYPE/CODE",
-                                          name));
+        return port_fail(
+            why, fmt::format("too many '/'; expected {0}, {0}/TYPE or {0}/TYPE/CODE", name));
 
     std::optional<unsigned> type = parse_icmp_field(proto, "type", parts[1], why);
     if (!type)
@@ -366,9 +365,8 @@ std::string join(std::span<const std::string_view> words)
 
 bool has_unprintable(std::string_view text)
 {
-    return std::any_of(text.begin(), text.end(), [](unsigned char c) {
-        return c < 0x20 || c >= 0x7f;
-    });
+    return std::any_of(text.begin(), text.end(),
+                       [](unsigned char c) { return c < 0x20 || c >= 0x7f; });
 }
 
 // Why a label key, label value or identity name is unusable, or nullopt.
@@ -540,8 +538,8 @@ Fields Parser::collect(const YAML::Node& map, std::string_view context) const
                  "expected a plain name");
         }
         if (fields.find(pair.first.Scalar())) {
-            fail(locate(pair.first), fmt::format("duplicate key '{}' {}",
-                                                 printable(pair.first.Scalar()), context),
+            fail(locate(pair.first),
+                 fmt::format("duplicate key '{}' {}", printable(pair.first.Scalar()), context),
                  "expected each key once");
         }
         fields.entries.push_back({pair.first, pair.second});
@@ -565,8 +563,8 @@ std::string Parser::scalar(const Entry& entry, std::string_view context,
                            std::string_view expected) const
 {
     if (!entry.value.IsScalar()) {
-        fail(locate(entry), fmt::format("'{}' {} is {}", entry.key.Scalar(), context,
-                                        describe(entry.value)),
+        fail(locate(entry),
+             fmt::format("'{}' {} is {}", entry.key.Scalar(), context, describe(entry.value)),
              expected);
     }
     return entry.value.Scalar();
@@ -579,8 +577,8 @@ std::vector<YAML::Node> Parser::list(const Entry& entry, std::string_view contex
     if (entry.value.IsNull())
         return {};
     if (!entry.value.IsSequence()) {
-        fail(locate(entry), fmt::format("'{}' {} is {}", entry.key.Scalar(), context,
-                                        describe(entry.value)),
+        fail(locate(entry),
+             fmt::format("'{}' {} is {}", entry.key.Scalar(), context, describe(entry.value)),
              expected);
     }
     return elements(entry.value);
@@ -594,8 +592,8 @@ Mode Parser::mode(const Entry& entry, std::string_view context) const
         if (text == to_string(m))
             return m;
     }
-    fail(locate(entry), fmt::format("unknown mode '{}' for '{}' {}", printable(text),
-                                    entry.key.Scalar(), context),
+    fail(locate(entry),
+         fmt::format("unknown mode '{}' for '{}' {}", printable(text), entry.key.Scalar(), context),
          expected);
 }
 
@@ -608,8 +606,8 @@ Prefix Parser::prefix(const YAML::Node& node, std::string_view context) const
     std::string why;
     std::optional<Prefix> parsed = Prefix::parse(node.Scalar(), &why);
     if (!parsed)
-        fail(locate(node), fmt::format("bad CIDR '{}' {}: {}", printable(node.Scalar()), context,
-                                       why));
+        fail(locate(node),
+             fmt::format("bad CIDR '{}' {}: {}", printable(node.Scalar()), context, why));
     return *parsed;
 }
 
@@ -630,8 +628,8 @@ std::vector<PortSpec> Parser::ports(const Entry& entry, std::string_view context
         std::string why;
         std::optional<PortSpec> spec = PortSpec::parse(item.Scalar(), &why);
         if (!spec)
-            fail(locate(item), fmt::format("bad port '{}' {}: {}", printable(item.Scalar()),
-                                           context, why));
+            fail(locate(item),
+                 fmt::format("bad port '{}' {}: {}", printable(item.Scalar()), context, why));
         specs.push_back(*spec);
     }
     return specs;
@@ -750,8 +748,9 @@ std::string Parser::parse_identity_name(const Fields& fields, Location where,
         fail(locate(*entry), fmt::format("identity name '{}' {}", printable(name), *problem));
     for (const auto& other : policy_.identities) {
         if (other.name == name) {
-            fail(locate(*entry), fmt::format("identity name '{}' is already used on line {}",
-                                             name, other.where.line),
+            fail(locate(*entry),
+                 fmt::format("identity name '{}' is already used on line {}", name,
+                             other.where.line),
                  "expected a unique name");
         }
     }
@@ -770,16 +769,16 @@ Labels Parser::parse_labels(const Entry& entry, std::string_view context) const
     for (const auto& label : collect(entry.value, context).entries) {
         const std::string& key = label.key.Scalar();
         if (auto problem = label_text_problem(key, true))
-            fail(locate(label.key), fmt::format("label key '{}' {} {}", printable(key), context,
-                                                *problem));
+            fail(locate(label.key),
+                 fmt::format("label key '{}' {} {}", printable(key), context, *problem));
         if (key == "cidr") {
             fail(locate(label.key), fmt::format("label key 'cidr' {} is reserved", context),
                  "expected another key: {cidr: PREFIX} in a selector means an address prefix");
         }
         std::string value = scalar(label, context, "expected one value such as db");
         if (auto problem = label_text_problem(value, false))
-            fail(locate(label), fmt::format("label value '{}' {} {}", printable(value), context,
-                                            *problem));
+            fail(locate(label),
+                 fmt::format("label value '{}' {} {}", printable(value), context, *problem));
         labels[key] = value;
     }
     return labels;
@@ -789,9 +788,10 @@ void Parser::check_unique_labels(const Identity& identity, const Entry& entry) c
 {
     for (const auto& other : policy_.identities) {
         if (other.labels == identity.labels) {
-            fail(locate(entry), fmt::format("identity '{}' has the same labels as identity '{}' "
-                                            "on line {}",
-                                            identity.name, other.name, other.where.line),
+            fail(locate(entry),
+                 fmt::format("identity '{}' has the same labels as identity '{}' "
+                             "on line {}",
+                             identity.name, other.name, other.where.line),
                  "expected a label set of its own: policy matches labels, not names");
         }
     }
@@ -806,11 +806,12 @@ void Parser::parse_cidrs(Identity& identity, const Entry& entry)
         // in two places would leave that decision to chance
         auto [owner, fresh] = prefix_owner_.try_emplace(parsed, identity.name, locate(item));
         if (!fresh) {
-            fail(locate(item), fmt::format("CIDR '{}' {} is already listed by identity '{}' on "
-                                           "line {}",
-                                           item.Scalar(), context, owner->second.first,
-                                           owner->second.second.line),
-                 "expected each prefix in one identity only");
+            fail(
+                locate(item),
+                fmt::format("CIDR '{}' {} is already listed by identity '{}' on "
+                            "line {}",
+                            item.Scalar(), context, owner->second.first, owner->second.second.line),
+                "expected each prefix in one identity only");
         }
         identity.cidrs.push_back(parsed);
     }
@@ -825,23 +826,26 @@ void Parser::parse_cgroups(Identity& identity, const Entry& entry)
         if (!item.IsScalar())
             fail(locate(item), fmt::format("a cgroup {} is {}", context, describe(item)), expected);
         if (item.Scalar().empty() || item.Scalar().front() != '/') {
-            fail(locate(item), fmt::format("cgroup '{}' {} is not an absolute path",
-                                           printable(item.Scalar()), context),
+            fail(locate(item),
+                 fmt::format("cgroup '{}' {} is not an absolute path", printable(item.Scalar()),
+                             context),
                  expected);
         }
         if (has_unprintable(item.Scalar())) {
-            fail(locate(item), fmt::format("cgroup '{}' {} has a control or non-ASCII character",
-                                           printable(item.Scalar()), context),
+            fail(locate(item),
+                 fmt::format("cgroup '{}' {} has a control or non-ASCII character",
+                             printable(item.Scalar()), context),
                  expected);
         }
         auto [owner, fresh] =
             cgroup_owner_.try_emplace(normal_path(item.Scalar()), identity.name, locate(item));
         if (!fresh) {
-            fail(locate(item), fmt::format("cgroup '{}' {} is already listed by identity '{}' on "
-                                           "line {}",
-                                           item.Scalar(), context, owner->second.first,
-                                           owner->second.second.line),
-                 "expected each cgroup in one identity only");
+            fail(
+                locate(item),
+                fmt::format("cgroup '{}' {} is already listed by identity '{}' on "
+                            "line {}",
+                            item.Scalar(), context, owner->second.first, owner->second.second.line),
+                "expected each cgroup in one identity only");
         }
         identity.cgroups.push_back(item.Scalar());
     }
@@ -876,8 +880,7 @@ Rule Parser::parse_rule(const YAML::Node& node, std::size_t index)
     check_keys(fields, context, rule_keys);
     for (std::string_view side : {"from", "to"}) {
         if (!fields.find(side)) {
-            fail(rule.where, fmt::format("rule '{}' has no '{}'", rule.name, side),
-                 selector_forms);
+            fail(rule.where, fmt::format("rule '{}' has no '{}'", rule.name, side), selector_forms);
         }
     }
     rule.from = parse_selector(*fields.find("from"), fmt::format("rule '{}' (from)", rule.name));
@@ -892,9 +895,8 @@ Rule Parser::parse_rule(const YAML::Node& node, std::size_t index)
         fail(rule.where, fmt::format("rule '{}' has no 'action'", rule.name), expected);
     std::string action_text = scalar(*action, context, expected);
     if (action_text != "allow" && action_text != "deny") {
-        fail(locate(*action), fmt::format("unknown action '{}' {}", printable(action_text),
-                                          context),
-             expected);
+        fail(locate(*action),
+             fmt::format("unknown action '{}' {}", printable(action_text), context), expected);
     }
     rule.action = action_text == "allow" ? Action::allow : Action::deny;
     return rule;
@@ -916,8 +918,8 @@ std::string Parser::parse_rule_name(const Fields& fields, const YAML::Node& node
     if (auto problem = rule_name_problem(name))
         fail(locate(*entry), fmt::format("rule name '{}' {}", printable(name), *problem));
     if (auto other = rule_names_.find(name); other != rule_names_.end()) {
-        fail(locate(*entry), fmt::format("rule name '{}' is already used on line {}", name,
-                                         other->second.line),
+        fail(locate(*entry),
+             fmt::format("rule name '{}' is already used on line {}", name, other->second.line),
              "expected a unique name: counters and events report rules by name");
     }
     return name;
@@ -997,8 +999,8 @@ SelectorTerm Parser::parse_mapping_term(const YAML::Node& node, const std::strin
     if (const Entry* cidr = fields.find("cidr")) {
         for (const auto& entry : fields.entries) {
             if (&entry != cidr) {
-                fail(locate(entry.key), fmt::format("key '{}' next to 'cidr' {}",
-                                                    printable(entry.key.Scalar()), in),
+                fail(locate(entry.key),
+                     fmt::format("key '{}' next to 'cidr' {}", printable(entry.key.Scalar()), in),
                      "expected {cidr: PREFIX} alone; use a list of selectors for either one");
             }
         }
@@ -1009,8 +1011,8 @@ SelectorTerm Parser::parse_mapping_term(const YAML::Node& node, const std::strin
     for (const auto& entry : fields.entries) {
         const std::string& key = entry.key.Scalar();
         if (auto problem = label_text_problem(key, true))
-            fail(locate(entry.key), fmt::format("label key '{}' {} {}", printable(key), in,
-                                                *problem));
+            fail(locate(entry.key),
+                 fmt::format("label key '{}' {} {}", printable(key), in, *problem));
         term.match[key] = parse_label_values(entry, context);
     }
     return term;
@@ -1034,8 +1036,8 @@ std::vector<std::string> Parser::parse_label_values(const Entry& entry,
         if (!item.IsScalar())
             fail(locate(item), fmt::format("a value of {} is {}", what, describe(item)), expected);
         if (auto problem = label_text_problem(item.Scalar(), false))
-            fail(locate(item), fmt::format("value '{}' of {} {}", printable(item.Scalar()), what,
-                                           *problem));
+            fail(locate(item),
+                 fmt::format("value '{}' of {} {}", printable(item.Scalar()), what, *problem));
         values.push_back(item.Scalar());
     }
     return values;

@@ -60,8 +60,8 @@ bool port_matches(const PortSpec& spec, const Flow& flow)
 }
 
 // The first rule of `action` in file order that matches the flow.
-const Rule* first_match(const Policy& policy, Action action, const Flow& flow,
-                        const Endpoint& src, const Endpoint& dst)
+const Rule* first_match(const Policy& policy, Action action, const Flow& flow, const Endpoint& src,
+                        const Endpoint& dst)
 {
     for (const Rule& rule : policy.rules) {
         if (rule.action != action)
@@ -100,11 +100,12 @@ bool failsafe_opens(const Policy& policy, const Flow& flow, Direction direction,
         !flow.has_port)
         return false;
 
-    bool port = std::any_of(failsafe.ports.begin(), failsafe.ports.end(), [&](const PortSpec& spec) {
-        if (spec.proto == PortSpec::Proto::any)
-            return flow.proto == 6 || flow.proto == 17 || flow.proto == 132;
-        return port_matches(spec, flow);
-    });
+    bool port =
+        std::any_of(failsafe.ports.begin(), failsafe.ports.end(), [&](const PortSpec& spec) {
+            if (spec.proto == PortSpec::Proto::any)
+                return flow.proto == 6 || flow.proto == 17 || flow.proto == 132;
+            return port_matches(spec, flow);
+        });
     // Prefix::contains keeps IPv4 out of IPv6 prefixes shorter than /96
     bool from = std::any_of(failsafe.from.begin(), failsafe.from.end(),
                             [&](const Prefix& prefix) { return prefix.contains(src.addr); });

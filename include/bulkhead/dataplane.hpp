@@ -80,7 +80,7 @@ struct Attachment {
     std::uint32_t ifindex = 0;
     std::uint32_t prog_id = 0;
     std::uint32_t link_id = 0;
-    bool defunct = false;   // the interface is gone; detach to clean up
+    bool defunct = false;  // the interface is gone; detach to clean up
 };
 
 struct Status {

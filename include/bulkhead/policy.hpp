@@ -101,8 +101,8 @@ struct Identity {
 
 struct Failsafe {
     bool enabled = true;
-    std::vector<PortSpec> ports;   // default: tcp/22
-    std::vector<Prefix> from;      // management prefixes; default: any address
+    std::vector<PortSpec> ports;  // default: tcp/22
+    std::vector<Prefix> from;     // management prefixes; default: any address
 };
 
 // A validated policy. Construct with Policy::parse or Policy::load.
@@ -131,8 +131,8 @@ struct Policy {
 // `labels` are the labels of the address's workload identity (longest
 // prefix); reserved identities have no labels and are matched by kind.
 struct Subject {
-    std::uint32_t workload_id = 0;  // BH_ID_WORLD, BH_ID_HOST or a workload id
-    const Labels* labels = nullptr; // null for world and host
+    std::uint32_t workload_id = 0;   // BH_ID_WORLD, BH_ID_HOST or a workload id
+    const Labels* labels = nullptr;  // null for world and host
 };
 // A cidr term matches by address, not by identity, so it never matches here:
 // test it with Prefix::contains on the flow's address.

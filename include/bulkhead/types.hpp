@@ -16,7 +16,9 @@ namespace bulkhead {
 class Error : public std::runtime_error {
 public:
     explicit Error(std::string message, int error_number = 0)
-        : std::runtime_error(std::move(message)), errno_(error_number) {}
+        : std::runtime_error(std::move(message)), errno_(error_number)
+    {
+    }
 
     // The errno behind the failure, or 0 when it was not a system call.
     int error_number() const noexcept { return errno_; }
