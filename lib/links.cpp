@@ -172,7 +172,8 @@ Attachment Dataplane::attach_xdp(const std::string& interface, XdpMode mode)
             (mode == XdpMode::automatic || to_string(mode) == pin->mode)) {
             if (bpf_link_update(link.get(), prog_fd, nullptr) != 0)
                 throw_errno(fmt::format("update the XDP program on '{}'", interface), errno);
-            return Attachment{"xdp", interface, pin->mode, ifindex, 0, info.id, false};
+            bpf_obj_get_info_by_fd(link.get(), &info, &len);  // the new program's id
+            return Attachment{"xdp", interface, pin->mode, ifindex, info.prog_id, info.id, false};
         }
         if (link && info.xdp.ifindex == ifindex)
             bpf_link_detach(link.get());  // re-attach in the mode asked for
@@ -302,14 +303,19 @@ Attachment Dataplane::attach_cgroup(const fs::path& path)
 
     const fs::path links = impl_->options.pin_dir / "links";
     std::vector<fs::path> created;
+    bpf_link_info first{};  // of the first hook's link, for the caller
     try {
         for (const CgroupHook& hook : kCgroupHooks) {
             int prog_fd = program_fd(hook.program);
             fs::path pin = links / CgroupPin{hook.name, st.st_ino, resolved.string()}.file_name();
             Fd existing(bpf_obj_get(pin.c_str()));
+            __u32 len = sizeof(first);
             // already ours: swap the program inside the link, one program per hook
-            if (existing && bpf_link_update(existing.get(), prog_fd, nullptr) == 0)
+            if (existing && bpf_link_update(existing.get(), prog_fd, nullptr) == 0) {
+                if (!first.id)
+                    bpf_obj_get_info_by_fd(existing.get(), &first, &len);
                 continue;
+            }
             fs::remove(pin);
             Fd link(bpf_link_create(prog_fd, cgroup.get(), hook.type, nullptr));
             if (!link)
@@ -319,6 +325,8 @@ Attachment Dataplane::attach_cgroup(const fs::path& path)
             if (bpf_obj_pin(link.get(), pin.c_str()) != 0)
                 throw_errno(fmt::format("pin the {} link at '{}'", hook.name, pin.string()), errno);
             created.push_back(pin);
+            if (!first.id)
+                bpf_obj_get_info_by_fd(link.get(), &first, &len);
         }
     } catch (...) {
         // all hooks or none: a half-attached cgroup would police one way only
@@ -330,9 +338,9 @@ Attachment Dataplane::attach_cgroup(const fs::path& path)
         }
         throw;
     }
-    return Attachment{
-        "cgroup", resolved.string(), "ingress,egress,connect4,connect6,sendmsg4,sendmsg6", 0, 0, 0,
-        false};
+    return Attachment{"cgroup", resolved.string(),
+                      "ingress,egress,connect4,connect6,sendmsg4,sendmsg6", 0, first.prog_id,
+                      first.id, false};
 }
 
 void Dataplane::detach_cgroup(const fs::path& path)

@@ -67,7 +67,10 @@ struct RuleCounter {
 struct Stats {
     // By reason name: "allow-rule", "deny-rule", "audit-rule", "allow-default",
     // "deny-default", "audit-default", "not-ip", "neighbour-discovery",
-    // "malformed", "no-policy", "tracked", "failsafe".
+    // "malformed", "no-policy", "tracked", "failsafe"; and two that count
+    // events besides a packet's verdict: "ct-miss" (a mid-flow packet that
+    // found no tracking entry) and "revoked" (a tracked flow a new
+    // generation no longer allows).
     std::vector<std::pair<std::string, Counter>> reasons;
     std::vector<RuleCounter> rules;  // rules of the policy in force, file order
     std::vector<MapFill> maps;
