@@ -109,10 +109,10 @@ struct {
 	__array(values, struct bh_inner_policy);
 } bh_policy SEC(".maps");
 
-/* The generation in force; one entry. */
+/* The generation in force, and the last one known quiesced (struct bh_gen_ctl). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, struct bh_gen_ctl);
 } bh_gen_ctl SEC(".maps");

@@ -52,8 +52,8 @@ struct bh_decision {
 /* The generation in force, read once per packet; 0 when none is committed. */
 static __always_inline __u64 bh_gen_read(void)
 {
-	__u32 zero = 0;
-	struct bh_gen_ctl *ctl = bpf_map_lookup_elem(&bh_gen_ctl, &zero);
+	__u32 current = BH_GEN_CTL_CURRENT;
+	struct bh_gen_ctl *ctl = bpf_map_lookup_elem(&bh_gen_ctl, &current);
 
 	return ctl ? *(volatile __u64 *)&ctl->generation : 0;
 }

@@ -165,7 +165,10 @@ ApplyResult Dataplane::Impl::commit(const Policy& policy, const std::string& sou
     detail::Compiled target = detail::compile(policy, alloc, facts, {max_rules});
     const auto counts = table_sizes(target);
 
-    wait_for_readers(slot);
+    // the slot was left by the switch to `gen`; unless a grace period has
+    // been seen since (a commit that died before its wait), wait for it now
+    if (gen_ctl(BH_GEN_CTL_QUIESCED) != gen)
+        wait_for_readers(slot);
 
     // size every table before writing anything, so an overflow changes nothing
     std::array<Fd, kTables.size()> fds;
@@ -229,9 +232,12 @@ ApplyResult Dataplane::Impl::commit(const Policy& policy, const std::string& sou
                       {"counts", counts_json}});
 
     // the switch: one aligned 8-byte store that every packet reads once
-    std::uint32_t zero = 0;
-    bh_gen_ctl ctl{gen + 1};
-    detail::map_update(fd_of(skel->maps.bh_gen_ctl), &zero, &ctl, "bh_gen_ctl");
+    set_gen_ctl(BH_GEN_CTL_CURRENT, gen + 1);
+
+    // the new policy is in force; now pay the grace period that frees the
+    // old slot, so the next commit can write it at once
+    wait_for_readers(static_cast<std::uint32_t>(gen & 1));
+    set_gen_ctl(BH_GEN_CTL_QUIESCED, gen + 1);
 
     result.generation = gen + 1;
     result.ipcache_entries = counts[kHostsTable] + counts[kPrefixesTable];

@@ -22,7 +22,7 @@ namespace bulkhead::detail {
 
 // Bumped whenever the same policy would compile to different entries; a
 // generation written by another compiler version is rewritten in full.
-inline constexpr int kCompilerVersion = 1;
+inline constexpr int kCompilerVersion = 2;
 
 // A map key as its raw bytes, so entries can be diffed and hashed whatever
 // their struct.

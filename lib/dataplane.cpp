@@ -123,9 +123,6 @@ void prepare_pin_dir(const fs::path& dir)
                                 "directory; remove it or choose another --pin-dir",
                                 dir.string()),
                     ENOTDIR);
-    fs::path links = dir / "links";
-    if (::mkdir(links.c_str(), 0700) != 0 && errno != EEXIST)
-        throw_errno(fmt::format("create '{}'", links.string()), errno);
 }
 
 }  // namespace
@@ -168,6 +165,11 @@ Dataplane Dataplane::open(const Options& options)
     auto impl = std::make_unique<Impl>(options);
     impl->load();
     impl->ensure_slots();
+
+    // only once the maps are known good: a refused open leaves nothing new
+    fs::path links = options.pin_dir / "links";
+    if (::mkdir(links.c_str(), 0700) != 0 && errno != EEXIST)
+        throw_errno(fmt::format("create '{}'", links.string()), errno);
     return Dataplane(std::move(impl));
 }
 

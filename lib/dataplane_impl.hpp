@@ -346,13 +346,21 @@ struct Dataplane::Impl {
         detail::map_update(outer_fd(t), &slot, &inner_fd, t.name);
     }
 
-    std::uint64_t generation() const
+    std::uint64_t gen_ctl(std::uint32_t index) const
     {
-        std::uint32_t zero = 0;
         bh_gen_ctl ctl{};
-        detail::map_lookup(fd_of(skel->maps.bh_gen_ctl), &zero, &ctl);
+        detail::map_lookup(fd_of(skel->maps.bh_gen_ctl), &index, &ctl);
         return ctl.generation;
     }
+
+    void set_gen_ctl(std::uint32_t index, std::uint64_t generation)
+    {
+        bh_gen_ctl ctl{generation};
+        detail::map_update(fd_of(skel->maps.bh_gen_ctl), &index, &ctl, "bh_gen_ctl");
+    }
+
+    // The generation in force.
+    std::uint64_t generation() const { return gen_ctl(BH_GEN_CTL_CURRENT); }
 
     // --- generation bookkeeping (bh_meta) ---
 

@@ -32,7 +32,7 @@
 #define BH_U64 __u64
 #endif
 
-#define BH_ABI_VERSION 1
+#define BH_ABI_VERSION 2
 
 /* Reserved identities. Workload identities start at BH_ID_FIRST_WORKLOAD; the
  * compiler's address classes (a workload identity narrowed by the CIDR
@@ -153,12 +153,20 @@ struct bh_gen_config {
 };
 
 /*
- * The generation in force. One u64, written by userspace with one aligned
- * store, read once per packet: the slot of every per-generation map is
- * (generation & 1). Generation 0 means nothing committed yet.
+ * bh_gen_ctl entry BH_GEN_CTL_CURRENT: the generation in force. One u64,
+ * written by userspace with one aligned store, read once per packet: the slot
+ * of every per-generation map is (generation & 1). Generation 0 means nothing
+ * committed yet. Entry BH_GEN_CTL_QUIESCED (userspace only): the latest
+ * generation after whose switch a grace period has passed, so the other slot
+ * is known to have no readers left.
  */
 struct bh_gen_ctl {
 	BH_U64 generation; /* host */
+};
+
+enum bh_gen_ctl_index {
+	BH_GEN_CTL_CURRENT = 0,
+	BH_GEN_CTL_QUIESCED = 1,
 };
 
 /* A packet and byte counter, per CPU. */

@@ -794,7 +794,7 @@ std::set<std::string> tree(const fs::path& dir)
 TEST_F(AtomicityTest, APinnedMapOfAnotherLayoutIsRefusedAndNothingIsCreated)
 {
     const fs::path dir = pin_->path();
-    const fs::path old_map = dir / "bh_policy_v1";
+    const fs::path old_map = dir / fmt::format("bh_policy_v{}", BH_ABI_VERSION);
     ASSERT_EQ(mkdir(dir.c_str(), 0700), 0) << std::strerror(errno);
 
     // an array with 8-byte values where this build has an array of maps
