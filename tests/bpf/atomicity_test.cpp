@@ -309,39 +309,14 @@ void expect_tables_match_bookkeeping(const Dataplane& dp)
 // The fixture
 // ---------------------------------------------------------------------------
 
-class AtomicityTest : public ::testing::Test {
+class AtomicityTest : public DataplaneTest {
 protected:
-    void SetUp() override
-    {
-        if (auto why = bpf_skip_reason())
-            GTEST_SKIP() << *why;
-        pin_ = std::make_unique<ScopedPinDir>();
-        options_ = test_options(pin_->path());
-    }
-
-    void TearDown() override
-    {
-        dp_.reset();  // close every fd before the pin directory goes
-        pin_.reset();
-    }
-
-    Dataplane& dp()
-    {
-        if (!dp_)
-            dp_ = std::make_unique<Dataplane>(Dataplane::open(options_));
-        return *dp_;
-    }
-
     int xdp() { return dp().program_fd("bh_xdp"); }
 
     ApplyResult apply(const Policy& policy, const std::string& source = "<atomicity>")
     {
         return dp().apply(policy, source);
     }
-
-    Options options_;
-    std::unique_ptr<ScopedPinDir> pin_;
-    std::unique_ptr<Dataplane> dp_;
 };
 
 // Field cases of /work/shared/cases/field-cases.md about commits.

@@ -660,26 +660,6 @@ std::optional<GeneratedPacket> random_packet(Rng& rng, const Generated& g, std::
 // Expectations
 // ---------------------------------------------------------------------------
 
-std::string reason_counter(const Verdict& v)
-{
-    switch (v.reason) {
-    case Reason::rule:
-        return v.kind == VerdictKind::allow  ? "allow-rule"
-               : v.kind == VerdictKind::deny ? "deny-rule"
-                                             : "audit-rule";
-    case Reason::default_mode:
-        return v.kind == VerdictKind::allow  ? "allow-default"
-               : v.kind == VerdictKind::deny ? "deny-default"
-                                             : "audit-default";
-    case Reason::not_policed:
-        return "neighbour-discovery";
-    case Reason::tracked:
-        return "tracked";
-    case Reason::failsafe:
-        return "failsafe";
-    }
-    return "?";
-}
 
 std::string verdict_text(const Verdict& v)
 {

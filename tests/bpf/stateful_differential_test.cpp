@@ -490,26 +490,6 @@ struct Observed {
     std::map<std::uint32_t, std::uint64_t> rules;  // rule id -> packets
 };
 
-std::string verdict_reason(const Verdict& v)
-{
-    switch (v.reason) {
-    case Reason::rule:
-        return v.kind == VerdictKind::allow  ? "allow-rule"
-               : v.kind == VerdictKind::deny ? "deny-rule"
-                                             : "audit-rule";
-    case Reason::default_mode:
-        return v.kind == VerdictKind::allow  ? "allow-default"
-               : v.kind == VerdictKind::deny ? "deny-default"
-                                             : "audit-default";
-    case Reason::not_policed:
-        return "neighbour-discovery";
-    case Reason::tracked:
-        return "tracked";
-    case Reason::failsafe:
-        return "failsafe";
-    }
-    return "?";
-}
 
 std::string outcome_text(bool pass, const std::string& reason, bool miss, bool revoked)
 {
@@ -690,7 +670,7 @@ TEST_F(StatefulDifferentialTest, XdpEqualsTheReferenceTracker)
             counters.moved(got);
             checked++;
 
-            std::string want_reason = verdict_reason(want.verdict);
+            std::string want_reason = reason_counter(want.verdict);
             seen[want_reason]++;
             std::string rule_problem;
             if (want.verdict.reason == Reason::rule) {
@@ -798,7 +778,7 @@ rules:
         return p;
     };
     auto text = [](const TrackedVerdict& v) {
-        return outcome_text(v.verdict.passes(), verdict_reason(v.verdict), v.ct_miss, v.revoked) +
+        return outcome_text(v.verdict.passes(), reason_counter(v.verdict), v.ct_miss, v.revoked) +
                " " + v.verdict.rule.value_or("-");
     };
 

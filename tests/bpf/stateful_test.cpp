@@ -342,30 +342,15 @@ struct Outcome {
     std::string side;
 };
 
-class StatefulTest : public ::testing::Test {
+class StatefulTest : public DataplaneTest {
 protected:
     void SetUp() override
     {
-        if (auto why = bpf_skip_reason())
-            GTEST_SKIP() << *why;
-        pin_ = std::make_unique<ScopedPinDir>();
-        options_ = test_options(pin_->path());
+        DataplaneTest::SetUp();
+        if (IsSkipped())
+            return;
         options_.host_addresses = std::vector<Prefix>{*Prefix::parse(std::string(kHost4) + "/32"),
                                                       *Prefix::parse(std::string(kHost6) + "/128")};
-    }
-
-    void TearDown() override
-    {
-        dp_.reset();  // close every fd before the pin directory goes
-        pin_.reset();
-    }
-
-    // Opens the dataplane on first use, with options_ as the test left them.
-    Dataplane& dp()
-    {
-        if (!dp_)
-            dp_ = std::make_unique<Dataplane>(Dataplane::open(options_));
-        return *dp_;
     }
 
     ApplyResult apply(const std::string& yaml)
@@ -423,9 +408,6 @@ protected:
             expect(step);
     }
 
-    Options options_;
-    std::unique_ptr<ScopedPinDir> pin_;
-    std::unique_ptr<Dataplane> dp_;
 };
 
 // Field cases of /work/shared/cases/field-cases.md, with the same fixture.

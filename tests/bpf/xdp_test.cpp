@@ -134,30 +134,14 @@ struct Outcome {
     Bytes data;
 };
 
-class XdpTest : public ::testing::Test {
+class XdpTest : public DataplaneTest {
 protected:
-    void SetUp() override
-    {
-        if (auto why = bpf_skip_reason())
-            GTEST_SKIP() << *why;
-        pin_ = std::make_unique<ScopedPinDir>();
-        options_ = test_options(pin_->path());
-    }
-
-    void TearDown() override
-    {
-        dp_.reset();  // close every fd before the pin directory goes
-        pin_.reset();
-    }
-
-    // Opens the dataplane on first use, with options_ as the test left them.
     Dataplane& dp()
     {
-        if (!dp_) {
-            dp_ = std::make_unique<Dataplane>(Dataplane::open(options_));
-            prog_fd_ = dp_->program_fd("bh_xdp");
-        }
-        return *dp_;
+        Dataplane& opened = DataplaneTest::dp();
+        if (prog_fd_ < 0)
+            prog_fd_ = opened.program_fd("bh_xdp");
+        return opened;
     }
 
     ApplyResult apply(const std::string& yaml)
@@ -218,9 +202,6 @@ protected:
             expect(c);
     }
 
-    Options options_;
-    std::unique_ptr<ScopedPinDir> pin_;
-    std::unique_ptr<Dataplane> dp_;
     int prog_fd_ = -1;
     std::string applied_;
     std::uint16_t next_flow_port_ = 20000;

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -264,6 +265,60 @@ public:
 private:
     int fd_;
     std::size_t cpus_ = 0;
+};
+
+// The reason counter a verdict moves ("allow-rule", "deny-default", ...).
+inline std::string reason_counter(const Verdict& v)
+{
+    switch (v.reason) {
+    case Reason::rule:
+        return v.kind == VerdictKind::allow  ? "allow-rule"
+               : v.kind == VerdictKind::deny ? "deny-rule"
+                                             : "audit-rule";
+    case Reason::default_mode:
+        return v.kind == VerdictKind::allow  ? "allow-default"
+               : v.kind == VerdictKind::deny ? "deny-default"
+                                             : "audit-default";
+    case Reason::not_policed:
+        return "neighbour-discovery";
+    case Reason::tracked:
+        return "tracked";
+    case Reason::failsafe:
+        return "failsafe";
+    }
+    return "?";
+}
+
+// The fixture of tests on a dataplane of their own: skips as
+// bpf_skip_reason() says, gives each test a pin directory that is removed
+// afterwards, and opens the dataplane on first use with options_ as the test
+// left them.
+class DataplaneTest : public ::testing::Test {
+protected:
+    void SetUp() override
+    {
+        if (auto why = bpf_skip_reason())
+            GTEST_SKIP() << *why;
+        pin_ = std::make_unique<ScopedPinDir>();
+        options_ = test_options(pin_->path());
+    }
+
+    void TearDown() override
+    {
+        dp_.reset();  // close every fd before the pin directory goes
+        pin_.reset();
+    }
+
+    Dataplane& dp()
+    {
+        if (!dp_)
+            dp_ = std::make_unique<Dataplane>(Dataplane::open(options_));
+        return *dp_;
+    }
+
+    Options options_;
+    std::unique_ptr<ScopedPinDir> pin_;
+    std::unique_ptr<Dataplane> dp_;
 };
 
 }  // namespace bulkhead::test
