@@ -735,31 +735,21 @@ std::vector<std::uint32_t> table_rule_ids(const Dataplane& dp)
     return {ids.begin(), ids.end()};
 }
 
-class DifferentialTest : public ::testing::Test {
+class DifferentialTest : public DataplaneTest {
 protected:
     void SetUp() override
     {
-        if (auto why = bpf_skip_reason())
-            GTEST_SKIP() << *why;
-        pin_ = std::make_unique<ScopedPinDir>();
-        Options options = test_options(pin_->path());
+        DataplaneTest::SetUp();
+        if (IsSkipped())
+            return;
         for (const std::string& h : kHostAddresses)
             hosts_.push_back(*Prefix::parse(h));
-        options.host_addresses = hosts_;
-        dp_ = std::make_unique<Dataplane>(Dataplane::open(options));
-        prog_fd_ = dp_->program_fd("bh_xdp");
-    }
-
-    void TearDown() override
-    {
-        dp_.reset();
-        pin_.reset();
+        options_.host_addresses = hosts_;
+        prog_fd_ = dp().program_fd("bh_xdp");
     }
 
     void run(const struct Shape& shape);
 
-    std::unique_ptr<ScopedPinDir> pin_;
-    std::unique_ptr<Dataplane> dp_;
     std::vector<Prefix> hosts_;
     int prog_fd_ = -1;
 };
