@@ -352,17 +352,17 @@ static __always_inline int bh_ct_still_allowed(const struct bh_gen_view *view,
 		bh_pkt_swap_ends(pkt);
 		pkt->sport = port;
 		pkt->port = sport;
-		if (pkt->proto == IPPROTO_ICMP)
-			pkt->port = bpf_htons(8 << 8); /* the echo request */
-		else if (pkt->proto == IPPROTO_ICMPV6)
-			pkt->port = bpf_htons(128 << 8);
 	}
+	/* an echo flow opened with a request, whichever packet asks now */
+	if (pkt->proto == IPPROTO_ICMP)
+		pkt->port = bpf_htons(8 << 8);
+	else if (pkt->proto == IPPROTO_ICMPV6)
+		pkt->port = bpf_htons(128 << 8);
 	bh_decide(view, pkt, &point, &d);
-	if (reply) {
+	if (reply)
 		bh_pkt_swap_ends(pkt);
-		pkt->sport = sport;
-		pkt->port = port;
-	}
+	pkt->sport = sport;
+	pkt->port = port;
 	if (!d.pass)
 		return 0;
 	if (update)

@@ -273,9 +273,10 @@ ReferenceTracker::Lookup ReferenceTracker::lookup_flow(const TrackedPacket& pack
                 opening.src = packet.flow.dst;
                 opening.dst = packet.flow.src;
                 opening.port = packet.sport;
-                if (is_icmp(opening.proto))
-                    opening.port = opening.proto == kIcmp ? 8 << 8 : 128 << 8;
             }
+            // an echo flow opened with a request, whichever packet asks now
+            if (is_icmp(opening.proto))
+                opening.port = opening.proto == kIcmp ? 8 << 8 : 128 << 8;
             if (!reference_verdict(*policy_, opening, tracked.direction, host_addrs_).passes()) {
                 if (update)
                     flows_.erase(it);
