@@ -2,11 +2,13 @@
 // action, reason counter and rule counter, and explain(), must all equal the
 // reference evaluator.
 //
-// The seed comes from BULKHEAD_SEED (or the clock) and is printed with every
+// The seed comes from BULKHEAD_SEED (or a fixed one under CI=true, else the
+// clock; see testing::test_seed) and is printed with every
 // failure; policy #i is generated from (seed, i) alone, so a failure names
 // what to rerun. BULKHEAD_DIFF_POLICIES and BULKHEAD_DIFF_PACKETS scale the
 // run (default 200 x 500 = 100,000 packets).
 #include "support/bpf_env.hpp"
+#include "support/random_policy.hpp"
 #include "support/packet.hpp"
 
 #include <bulkhead/dataplane.hpp>
@@ -767,9 +769,7 @@ struct Shape {
 
 void DifferentialTest::run(const Shape& shape)
 {
-    const std::uint64_t seed = env_number(
-        "BULKHEAD_SEED",
-        static_cast<std::uint64_t>(std::chrono::system_clock::now().time_since_epoch().count()));
+    const std::uint64_t seed = testing::test_seed();
     const std::uint64_t policies = env_number("BULKHEAD_DIFF_POLICIES", shape.policies);
     const std::uint64_t packets = env_number("BULKHEAD_DIFF_PACKETS", shape.packets);
     const int max_reports = 25;

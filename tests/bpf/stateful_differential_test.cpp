@@ -4,7 +4,8 @@
 // flips and unchanged re-applies). For every packet, the XDP program's action
 // and counters must equal the ReferenceTracker's verdict.
 //
-// The seed comes from BULKHEAD_SEED (or the clock) and is printed; sequence
+// The seed comes from BULKHEAD_SEED (or a fixed one under CI=true, else the
+// clock; see testing::test_seed) and is printed; sequence
 // #i is generated from (seed, i) alone. BULKHEAD_STATEFUL_SEQUENCES and
 // BULKHEAD_STATEFUL_EVENTS scale the run. Mismatches are grouped by kind
 // (packet kind, expected and observed outcome) and the first ones of each
@@ -620,9 +621,7 @@ protected:
 
 TEST_F(StatefulDifferentialTest, XdpEqualsTheReferenceTracker)
 {
-    const std::uint64_t seed = env_number(
-        "BULKHEAD_SEED",
-        static_cast<std::uint64_t>(std::chrono::system_clock::now().time_since_epoch().count()));
+    const std::uint64_t seed = testing::test_seed();
     const std::uint64_t sequences = env_number("BULKHEAD_STATEFUL_SEQUENCES", 60);
     const std::uint64_t events = env_number("BULKHEAD_STATEFUL_EVENTS", 150);
     const std::size_t shown_per_kind = 3;

@@ -10,7 +10,9 @@
 
 namespace bulkhead::testing {
 
-// The seed of a differential run: $BULKHEAD_SEED if set, else the clock.
+// The seed of a differential run: $BULKHEAD_SEED if set, else kCiSeed when
+// CI=true, else the clock.
+inline constexpr std::uint64_t kCiSeed = 20261203;
 std::uint64_t test_seed();
 
 Policy random_policy(std::mt19937_64& rng);
