@@ -46,12 +46,6 @@ static_assert(BH_REASON_ALLOW_RULE == 0 && BH_REASON_AUDIT_DEFAULT == 5 && BH_RE
 // This machine's addresses, as far as the test dataplane knows: identity host.
 const std::vector<std::string> kHostAddresses = {"198.51.100.250/32", "2001:db8::fe/128"};
 
-std::uint64_t env_number(const char* name, std::uint64_t fallback)
-{
-    const char* text = std::getenv(name);
-    return text != nullptr && *text != '\0' ? std::strtoull(text, nullptr, 0) : fallback;
-}
-
 class Rng {
 public:
     explicit Rng(std::uint64_t seed) : gen_(seed) {}

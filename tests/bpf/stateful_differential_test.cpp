@@ -56,12 +56,6 @@ constexpr std::uint32_t kRuleIdsRead = 64;  // rule counters read per packet
 
 const std::vector<std::string> kHostAddresses = {"198.51.100.250/32", "2001:db8::fe/128"};
 
-std::uint64_t env_number(const char* name, std::uint64_t fallback)
-{
-    const char* text = std::getenv(name);
-    return text != nullptr && *text != '\0' ? std::strtoull(text, nullptr, 0) : fallback;
-}
-
 class Rng {
 public:
     explicit Rng(std::uint64_t seed) : gen(seed) {}

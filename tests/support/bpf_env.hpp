@@ -267,6 +267,13 @@ private:
     std::size_t cpus_ = 0;
 };
 
+// A number from the environment (test scaling knobs), or `fallback`.
+inline std::uint64_t env_number(const char* name, std::uint64_t fallback)
+{
+    const char* text = std::getenv(name);
+    return text != nullptr && *text != '\0' ? std::strtoull(text, nullptr, 0) : fallback;
+}
+
 // The reason counter a verdict moves ("allow-rule", "deny-default", ...).
 inline std::string reason_counter(const Verdict& v)
 {
